@@ -1,0 +1,46 @@
+# balance-gate. A newcomer needs two commands: `make run` and `make test`.
+# Both install what is missing: the Python virtualenv with the dev extras, and
+# redis-server plus the PostgreSQL server binaries (apt-get, when root).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint fmt proto deps venv clean
+
+# Serve with a local Redis and Postgres kept under ./.run/ and a funded `demo`.
+run: venv
+	$(BIN)/balance-gate dev
+
+# Lint, type-check, then every test against real servers the fixtures start.
+test: venv lint
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Regenerate src/balance_gate/v1 from proto/ (a test fails when it is stale).
+proto: venv
+	$(BIN)/python scripts/gen_proto.py
+
+deps:
+	@scripts/install-system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build src/*.egg-info

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Find, or install with apt-get (when root), what balance-gate needs from the OS:
+# Python >= 3.11 with venv, redis-server, and the PostgreSQL server binaries.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+missing=()
+
+if ! command -v "$PYTHON" >/dev/null; then
+    missing+=(python3 python3-venv)
+elif ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "balance-gate needs Python >= 3.11; $PYTHON is $("$PYTHON" --version 2>&1)." >&2
+    echo "Install a newer Python and run: make PYTHON=/path/to/python3.11 ..." >&2
+    exit 1
+elif ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    missing+=(python3-venv)
+fi
+
+command -v redis-server >/dev/null || missing+=(redis-server)
+
+if ! { command -v initdb >/dev/null && command -v postgres >/dev/null; } \
+    && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    missing+=(postgresql)
+fi
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "Missing system packages: ${missing[*]}" >&2
+    echo "Install them (e.g. sudo apt-get install ${missing[*]}) and run make again." >&2
+    exit 1
+fi
+
+echo "Installing system packages: ${missing[*]}"
+# balance-gate runs its own Postgres clusters; don't let the package create one.
+if [[ " ${missing[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "Installed: ${missing[*]}"

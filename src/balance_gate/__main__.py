@@ -1,0 +1,5 @@
+import sys
+
+from balance_gate.cli import main
+
+sys.exit(main())

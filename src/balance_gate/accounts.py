@@ -1,0 +1,219 @@
+"""Accounts: creation, operator credits, status, and loading hot state from the ledger.
+
+Every change of money goes Postgres first, then Redis, under the shard's shared
+lock; a load (or reconcile) reads Postgres and writes Redis under the shard's
+exclusive lock. See postgres_store.PostgresStore.shard_lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+from balance_gate import metrics, validation
+from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
+from balance_gate.errors import InvalidArgument, NotFound, Unavailable
+from balance_gate.keys import shard_of
+from balance_gate.postgres_store import AccountRow, Connection, CreditRow, PostgresStore
+from balance_gate.redis_store import RedisStore
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("active", "disabled")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """An account as operators see it: the ledger row and the hot balance."""
+
+    account_id: str
+    currency: str
+    status: str
+    balance_micros: int
+    credited_micros: int
+    used_micros: int
+    unflushed_usage_micros: int
+    created_at: dt.datetime
+
+
+class NotFoundCache:
+    """Remembers unknown account ids briefly, so a flood of them cannot reach Postgres."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._expiry: dict[str, float] = {}
+
+    def __contains__(self, account_id: str) -> bool:
+        expiry = self._expiry.get(account_id)
+        if expiry is None:
+            return False
+        if expiry < time.monotonic():
+            del self._expiry[account_id]
+            return False
+        return True
+
+    def add(self, account_id: str) -> None:
+        if self._ttl_s <= 0:
+            return
+        if len(self._expiry) >= self._max_entries:
+            self._expiry.clear()
+        self._expiry[account_id] = time.monotonic() + self._ttl_s
+
+    def discard(self, account_id: str) -> None:
+        self._expiry.pop(account_id, None)
+
+
+class Accounts:
+    def __init__(self, pg: PostgresStore, hot: RedisStore, not_found_ttl_s: float) -> None:
+        self._pg = pg
+        self._hot = hot
+        self._not_found = NotFoundCache(not_found_ttl_s)
+        self._loading: dict[str, asyncio.Future[bool]] = {}
+
+    # --- loading ------------------------------------------------------------
+
+    async def ensure_loaded(self, account_id: str) -> bool:
+        """Make sure the account is in Redis; False when it does not exist.
+
+        Concurrent callers in this process share one load; across processes
+        the shard's exclusive lock and the script's "only if missing" make the
+        load happen exactly once.
+        """
+        if account_id in self._not_found:
+            return False
+        pending = self._loading.get(account_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(account_id))
+            self._loading[account_id] = pending
+            pending.add_done_callback(lambda _: self._loading.pop(account_id, None))
+        # A cancelled caller must not cancel the load that others wait on.
+        return await asyncio.shield(pending)
+
+    async def _load(self, account_id: str) -> bool:
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=True) as conn:
+            snapshot = await self._pg.load_snapshot(conn, account_id)
+            if snapshot is None:
+                self._not_found.add(account_id)
+                metrics.ACCOUNT_LOADS.labels("not_found").inc()
+                return False
+            await self._hot.sync_account(
+                account_id,
+                reconcile=False,
+                ledger_balance_micros=snapshot.ledger_balance_micros,
+                status=snapshot.status,
+                unapplied_credit_ids=snapshot.unapplied_credit_ids,
+            )
+        metrics.ACCOUNT_LOADS.labels("loaded").inc()
+        return True
+
+    async def reconcile_locked(self, conn: Connection, account_id: str) -> int | None:
+        """Bring the hot balance in line with the ledger; return the correction.
+
+        The caller holds the account's shard lock exclusively and has already
+        recorded every usage event that was read but not acknowledged.
+        None when the account does not exist.
+        """
+        snapshot = await self._pg.load_snapshot(conn, account_id)
+        if snapshot is None:
+            return None
+        result = await self._hot.sync_account(
+            account_id,
+            reconcile=True,
+            ledger_balance_micros=snapshot.ledger_balance_micros,
+            status=snapshot.status,
+            unapplied_credit_ids=snapshot.unapplied_credit_ids,
+        )
+        return result.value
+
+    # --- operator actions ---------------------------------------------------
+
+    async def create(self, account_id: str, currency: str) -> AccountView:
+        validation.check_id("account_id", account_id)
+        currency = validation.normalize_currency(currency)
+        await self._pg.create_account(account_id, currency)
+        self._not_found.discard(account_id)
+        return await self.get(account_id)
+
+    async def get(self, account_id: str) -> AccountView:
+        validation.check_id("account_id", account_id)
+        for _ in range(2):
+            if not await self.ensure_loaded(account_id):
+                raise NotFound(f"account {account_id!r} not found")
+            hot = await self._hot.read_account(account_id)
+            row = await self._pg.get_account(account_id)
+            if hot is not None and row is not None:
+                return _view(row, hot.balance_micros, hot.unflushed_micros)
+        raise Unavailable(f"account {account_id!r} could not be loaded into Redis")
+
+    async def credit(
+        self, account_id: str, amount_micros: int, reason: str, idempotency_key: str
+    ) -> AccountView:
+        validation.check_id("account_id", account_id)
+        validation.check_credit_amount("amount_micros", amount_micros)
+        validation.check_reason(reason)
+        validation.check_id("idempotency_key", idempotency_key)
+        # Shielded: a caller that hangs up must not stop a credit between stores.
+        await asyncio.shield(self._credit(account_id, amount_micros, reason, idempotency_key))
+        return await self.get(account_id)
+
+    async def _credit(
+        self, account_id: str, amount_micros: int, reason: str, idempotency_key: str
+    ) -> None:
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            credit = await self._pg.record_credit(
+                conn, account_id, amount_micros, reason, idempotency_key, MAX_SAFE_MICROS
+            )
+            if not credit.hot_applied:
+                await self._apply_credit(conn, credit)
+
+    async def _apply_credit(self, conn: Connection, credit: CreditRow) -> None:
+        result = await self._hot.apply_credit(
+            credit.account_id, credit.credit_id, credit.amount_micros
+        )
+        if result.code == ScriptCode.OUT_OF_RANGE:
+            # Postgres bounds the ledger balance, so this needs the hot balance to
+            # have drifted far above it. Leave it for an operator to look at.
+            log.error("credit %d would overflow the hot balance; not applied", credit.credit_id)
+            raise InvalidArgument(
+                "amount_micros", "would take the balance outside the supported range"
+            )
+        # OK, ALREADY_APPLIED and NOT_LOADED (a later load counts it) all mean
+        # the credit is accounted for in Redis.
+        await self._pg.mark_credit_applied(conn, credit.credit_id)
+
+    async def set_status(self, account_id: str, status: str) -> AccountView:
+        validation.check_id("account_id", account_id)
+        if status not in STATUSES:
+            raise InvalidArgument("status", f"must be one of {', '.join(STATUSES)}")
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            await self._pg.set_status(conn, account_id, status)
+            await self._hot.set_status(account_id, status)
+        return await self.get(account_id)
+
+    async def sweep_unapplied_credits(self, older_than_s: float = 5.0, limit: int = 500) -> int:
+        """Apply credits a crash left between Postgres and Redis; return how many."""
+        swept = 0
+        for credit in await self._pg.unapplied_credits(older_than_s, limit):
+            async with self._pg.shard_lock([shard_of(credit.account_id)], exclusive=False) as conn:
+                await self._apply_credit(conn, credit)
+            swept += 1
+            metrics.CREDITS_REAPPLIED.inc()
+            log.warning("applied credit %d left unconfirmed in Redis", credit.credit_id)
+        return swept
+
+
+def _view(row: AccountRow, balance_micros: int, unflushed_micros: int) -> AccountView:
+    return AccountView(
+        account_id=row.account_id,
+        currency=row.currency,
+        status=row.status,
+        balance_micros=balance_micros,
+        credited_micros=row.credited_micros,
+        used_micros=row.used_micros,
+        unflushed_usage_micros=unflushed_micros,
+        created_at=row.created_at,
+    )

@@ -1,0 +1,78 @@
+"""Builds the gate's object graph from Settings: pools, stores, core services."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from balance_gate import migrations
+from balance_gate.accounts import Accounts
+from balance_gate.flusher import UsageFlusher
+from balance_gate.gate import Gate
+from balance_gate.postgres_store import PostgresStore
+from balance_gate.redis_store import RedisStore
+from balance_gate.settings import Settings
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    timeout_s = settings.redis_timeout_ms / 1000
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url.get_secret_value(),
+        max_connections=settings.redis_max_connections,
+        # Waiting for a free connection counts against the same budget.
+        timeout=timeout_s,
+        socket_timeout=timeout_s + settings.flush_block_ms / 1000,
+        socket_connect_timeout=timeout_s,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def postgres_pool(settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=settings.database_pool_size,
+        server_settings={"application_name": "balance-gate"},
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass
+class App:
+    settings: Settings
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    hot: RedisStore
+    pg: PostgresStore
+    accounts: Accounts
+    gate: Gate
+    flusher: UsageFlusher
+
+    @classmethod
+    async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
+        pool = await postgres_pool(settings)
+        if migrate:
+            async with pool.acquire() as conn:
+                await migrations.migrate(conn)
+        client = redis_client(settings)
+        hot = RedisStore(client, settings.redis_key_prefix, settings.request_ttl_seconds)
+        pg = PostgresStore(pool)
+        accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
+        gate = Gate(hot, accounts, settings.max_request_micros)
+        flusher = UsageFlusher(
+            hot,
+            pg,
+            batch_size=settings.flush_batch_size,
+            block_ms=settings.flush_block_ms,
+            claim_idle_ms=settings.flush_claim_idle_ms,
+            stats_interval_ms=settings.stats_interval_ms,
+        )
+        return cls(settings, client, pool, hot, pg, accounts, gate, flusher)
+
+    async def close(self) -> None:
+        # We built the pool, so closing the client must close it too.
+        await self.redis.aclose(close_connection_pool=True)
+        await self.pool.close()

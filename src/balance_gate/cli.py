@@ -1,0 +1,113 @@
+"""Command line: `balance-gate serve | migrate | rebuild | dev`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from balance_gate import logs
+from balance_gate.settings import Settings
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (faster), else on asyncio's own loop."""
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        uvloop = None
+    if uvloop is None:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+    from balance_gate.server import serve
+
+    _run(serve(settings))
+    return 0
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from balance_gate import migrations
+    from balance_gate.app import postgres_pool
+
+    async def migrate() -> None:
+        pool = await postgres_pool(settings)
+        try:
+            async with pool.acquire() as conn:
+                applied = await migrations.migrate(conn)
+            print(f"applied migrations: {applied or 'none (up to date)'}")
+        finally:
+            await pool.close()
+
+    _run(migrate())
+    return 0
+
+
+def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
+    from balance_gate.app import App
+    from balance_gate.rebuild import rebuild_all
+
+    async def rebuild() -> None:
+        app = await App.open(settings)
+        try:
+            await app.hot.ensure_usage_groups()
+            report = await rebuild_all(app.pg, app.accounts, app.flusher)
+        finally:
+            await app.close()
+        print(
+            f"rebuilt {report.accounts} accounts: {report.corrected} corrected"
+            f" (total |correction| {report.correction_micros} micros),"
+            f" {report.pending_usage_recorded} unacknowledged usage events recorded"
+        )
+
+    _run(rebuild())
+    return 0
+
+
+def cmd_dev(_settings: Settings, args: argparse.Namespace) -> int:
+    from balance_gate.devstack import run_dev
+
+    return run_dev(Path(args.run_dir), args.redis_port, args.postgres_port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="balance-gate",
+        description="Prepaid-balance gate for proxies. Settings: BALANCE_GATE_* variables.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve the gate and admin gRPC APIs").set_defaults(
+        func=cmd_serve
+    )
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    commands.add_parser(
+        "rebuild", help="reconcile every hot balance in Redis with the Postgres ledger"
+    ).set_defaults(func=cmd_rebuild)
+    dev = commands.add_parser(
+        "dev", help="run with a local Redis and Postgres under --run-dir and a funded demo account"
+    )
+    dev.add_argument("--run-dir", default=".run", help="where the local servers keep their data")
+    dev.add_argument("--redis-port", type=int, default=56379)
+    dev.add_argument("--postgres-port", type=int, default=55432)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    logs.configure(settings.log_level, settings.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        return int(args.func(settings, args))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Domain errors. They are mapped to gRPC status codes in one place (grpc_api)."""
+
+from __future__ import annotations
+
+
+class GateError(Exception):
+    """Base class of errors that carry a message meant for the caller."""
+
+
+class InvalidArgument(GateError):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(GateError):
+    pass
+
+
+class AlreadyExists(GateError):
+    pass
+
+
+class FailedPrecondition(GateError):
+    pass
+
+
+class Unavailable(GateError):
+    """A dependency (Redis, Postgres) cannot be reached; the call may be retried."""

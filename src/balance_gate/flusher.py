@@ -1,0 +1,160 @@
+"""Moves usage events from the Redis streams into Postgres, exactly once.
+
+For each batch: read (consumer group), insert into Postgres skipping request
+ids already there, commit, then acknowledge in Redis, which also takes the
+amounts out of each account's `unflushed` total. A crash between commit and
+acknowledgement leaves the entries pending; whoever takes them over inserts
+nothing twice (primary key) and acknowledges them, and only the first
+acknowledgement of an entry touches `unflushed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import asyncpg
+from redis.exceptions import RedisError, ResponseError
+
+from balance_gate import metrics
+from balance_gate.constants import SHARD_COUNT
+from balance_gate.postgres_store import Connection, PostgresStore
+from balance_gate.redis_store import RedisStore, StreamEntry
+
+log = logging.getLogger(__name__)
+
+_MAX_BACKOFF_S = 2.0
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class UsageFlusher:
+    def __init__(
+        self,
+        hot: RedisStore,
+        pg: PostgresStore,
+        *,
+        batch_size: int,
+        block_ms: int,
+        claim_idle_ms: int,
+        stats_interval_ms: int,
+    ) -> None:
+        self._hot = hot
+        self._pg = pg
+        self._batch_size = batch_size
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._stats_interval_s = stats_interval_ms / 1000
+        self.consumer = consumer_name()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush until `stop` is set, then drain what is left and return."""
+        backoff_s = 0.05
+        next_claim = next_stats = 0.0
+        groups_ready = False
+        while not stop.is_set():
+            try:
+                if not groups_ready:
+                    await self._hot.ensure_usage_groups()
+                    groups_ready = True
+                await self.flush_once(self._block_ms)
+                now = time.monotonic()
+                if now >= next_claim:
+                    await self.claim_stale()
+                    next_claim = now + self._claim_idle_ms / 1000
+                if now >= next_stats:
+                    await self.refresh_stats()
+                    next_stats = now + self._stats_interval_s
+                backoff_s = 0.05
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("usage consumer groups are gone (Redis restarted?); recreating")
+                groups_ready = False
+            except (RedisError, OSError) as exc:
+                metrics.REDIS_ERRORS.labels("flusher").inc()
+                backoff_s = await self._back_off(stop, backoff_s, "Redis", exc)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                metrics.POSTGRES_ERRORS.labels("flusher").inc()
+                backoff_s = await self._back_off(stop, backoff_s, "Postgres", exc)
+        try:
+            await self.drain()
+        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Nothing is lost: unread events stay in the streams, read ones stay
+            # pending, and the next flusher records them.
+            log.warning("final usage flush failed (%s); the next start records the rest", exc)
+
+    async def _back_off(
+        self, stop: asyncio.Event, delay_s: float, what: str, exc: Exception
+    ) -> float:
+        log.warning("usage flush failed (%s: %s); retrying in %.2fs", what, exc, delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay_s)
+        return min(delay_s * 2, _MAX_BACKOFF_S)
+
+    async def drain(self, max_batches: int = 1_000) -> int:
+        """Flush without waiting until the streams have nothing new (bounded)."""
+        flushed = 0
+        for _ in range(max_batches):
+            n = await self.flush_once(block_ms=None)
+            flushed += n
+            if n == 0:
+                break
+        return flushed
+
+    async def flush_once(self, block_ms: int | None) -> int:
+        entries = await self._hot.read_usage(self.consumer, self._batch_size, block_ms)
+        if not entries:
+            return 0
+        shards = {entry.shard for entry in entries}
+        async with self._pg.shard_lock(shards, exclusive=False) as conn:
+            return await self._record(conn, entries)
+
+    async def claim_stale(self) -> int:
+        """Take over entries that a consumer read and then went silent on."""
+        taken = 0
+        for shard in range(SHARD_COUNT):
+            entries = await self._hot.claim_stale_usage(
+                shard, self.consumer, self._claim_idle_ms, self._batch_size
+            )
+            if entries:
+                async with self._pg.shard_lock([shard], exclusive=False) as conn:
+                    taken += await self._record(conn, entries)
+        return taken
+
+    async def record_pending_locked(self, conn: Connection, shard: int) -> int:
+        """Record and acknowledge every entry of the shard read by anyone but not acknowledged.
+
+        For a rebuild: the caller holds the shard's lock exclusively (on `conn`),
+        so no flusher is between its commit and its acknowledgement.
+        """
+        recorded = 0
+        while entries := await self._hot.claim_stale_usage(
+            shard, self.consumer, 0, self._batch_size
+        ):
+            recorded += await self._record(conn, entries)
+        return recorded
+
+    async def _record(self, conn: Connection, entries: Sequence[StreamEntry]) -> int:
+        inserted = await self._pg.record_usage(conn, [entry.event for entry in entries])
+        by_shard: dict[int, list[StreamEntry]] = defaultdict(list)
+        for entry in entries:
+            by_shard[entry.shard].append(entry)
+        for shard, shard_entries in by_shard.items():
+            await self._hot.ack_usage(shard, shard_entries)
+        metrics.USAGE_FLUSHED.inc(inserted)
+        return len(entries)
+
+    async def refresh_stats(self) -> None:
+        waiting, oldest_ms = await self._hot.usage_backlog()
+        metrics.USAGE_BACKLOG.set(waiting)
+        lag_s = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        metrics.USAGE_FLUSH_LAG.set(lag_s)

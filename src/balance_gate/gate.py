@@ -1,0 +1,112 @@
+"""The hot path: Authorize and Settle. One Redis script call per decision.
+
+A denial is a normal answer (P1: insufficient_balance), not an error. Errors
+are raised as balance_gate.errors and mapped to gRPC codes by grpc_api.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from balance_gate import metrics
+from balance_gate.accounts import Accounts
+from balance_gate.constants import DenyCode, ScriptCode
+from balance_gate.errors import FailedPrecondition, NotFound, Unavailable
+from balance_gate.redis_store import RedisStore, ScriptResult
+from balance_gate.validation import check_capability, check_id, check_request_amount
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    code: str  # "" when allowed, else a DenyCode
+    balance_micros: int
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    balance_micros: int
+    delta_micros: int
+    replayed: bool
+
+
+_DENIALS = {
+    ScriptCode.INSUFFICIENT_BALANCE: DenyCode.INSUFFICIENT_BALANCE,
+    ScriptCode.ACCOUNT_DISABLED: DenyCode.ACCOUNT_DISABLED,
+}
+_DECISION_COUNTERS = {
+    result: metrics.AUTHORIZE_DECISIONS.labels(result)
+    for result in ("allowed", *_DENIALS.values(), DenyCode.ACCOUNT_NOT_FOUND)
+}
+
+
+class Gate:
+    def __init__(self, hot: RedisStore, accounts: Accounts, max_request_micros: int) -> None:
+        self._hot = hot
+        self._accounts = accounts
+        self._max_request_micros = max_request_micros
+
+    async def authorize(
+        self, account_id: str, request_id: str, amount_micros: int, capability: str
+    ) -> Decision:
+        started = time.perf_counter()
+        check_id("account_id", account_id)
+        check_id("request_id", request_id)
+        check_request_amount("amount_micros", amount_micros, self._max_request_micros)
+        check_capability(capability)
+
+        result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+        if result.code == ScriptCode.NOT_LOADED:
+            if not await self._accounts.ensure_loaded(account_id):
+                return self._decided(started, Decision(False, DenyCode.ACCOUNT_NOT_FOUND, 0))
+            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+        return self._decided(started, self._decision(result))
+
+    @staticmethod
+    def _decision(result: ScriptResult) -> Decision:
+        if result.code == ScriptCode.OK:
+            return Decision(True, "", result.balance_micros, result.replayed)
+        if result.code == ScriptCode.AMOUNT_MISMATCH:
+            raise FailedPrecondition(
+                "request_id: already authorized with a different amount_micros"
+            )
+        denial = _DENIALS.get(result.code)
+        if denial is None:  # NOT_LOADED twice: the account vanished again under us
+            raise Unavailable("account state is being rebuilt; retry")
+        return Decision(False, denial, result.balance_micros)
+
+    @staticmethod
+    def _decided(started: float, decision: Decision) -> Decision:
+        _DECISION_COUNTERS["allowed" if decision.allowed else decision.code].inc()
+        metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - started)
+        return decision
+
+    async def settle(self, account_id: str, request_id: str, amount_micros: int) -> Settlement:
+        check_id("account_id", account_id)
+        check_id("request_id", request_id)
+        check_request_amount("amount_micros", amount_micros, self._max_request_micros)
+
+        result = await self._hot.settle(account_id, request_id, amount_micros)
+        if result.code == ScriptCode.NOT_LOADED:
+            if not await self._accounts.ensure_loaded(account_id):
+                raise NotFound(f"account {account_id!r} not found")
+            result = await self._hot.settle(account_id, request_id, amount_micros)
+
+        if result.code == ScriptCode.OK:
+            metrics.SETTLES.labels("replayed" if result.replayed else "settled").inc()
+            return Settlement(result.balance_micros, result.value, result.replayed)
+        if result.code == ScriptCode.REQUEST_NOT_FOUND:
+            metrics.SETTLES.labels("request_not_found").inc()
+            raise NotFound(
+                f"request_id {request_id!r}: no allowed Authorize to settle "
+                "(never authorized, denied, or older than the request TTL)"
+            )
+        if result.code == ScriptCode.ALREADY_SETTLED:
+            metrics.SETTLES.labels("already_settled").inc()
+            raise FailedPrecondition(
+                f"request_id {request_id!r}: already settled at {result.value} micros;"
+                " a settled cost is final"
+            )
+        raise Unavailable("account state is being rebuilt; retry")

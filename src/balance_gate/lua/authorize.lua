@@ -1,0 +1,48 @@
+--[[
+  Decide one proxied request: de-duplicate, check, debit, record usage. Atomic.
+
+  KEYS[1] account hash    {balance, unflushed, status}
+  KEYS[2] request record  "<authorized>" or "<authorized>:<settled>", expires after ARGV[3] s
+  KEYS[3] usage stream of the account's shard
+
+  ARGV[1] amount (decimal integer string, >= 0, <= 2^53-1)
+  ARGV[2] the amount negated, as a string (never "-0": HINCRBY rejects it)
+  ARGV[3] request record TTL in seconds
+  ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
+
+  Returns {code, balance, replayed}
+    0 OK                    allowed (replayed = 1 when the request_id was already allowed)
+    1 INSUFFICIENT_BALANCE  nothing debited, nothing recorded
+    2 ACCOUNT_DISABLED      nothing debited, nothing recorded
+    3 NOT_LOADED            the account is not in Redis: load it from Postgres and retry
+    4 AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
+]]
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance')
+local status, balance = account[1], account[2]
+if not status then
+  return {3, 0, 0}
+end
+
+local prior = redis.call('GET', KEYS[2])
+if prior then
+  local authorized = string.match(prior, '^(%d+)')
+  if authorized ~= ARGV[1] then
+    return {4, tonumber(balance), 0}
+  end
+  return {0, tonumber(balance), 1}
+end
+
+if status ~= 'active' then
+  return {2, tonumber(balance), 0}
+end
+if tonumber(balance) < tonumber(ARGV[1]) then
+  return {1, tonumber(balance), 0}
+end
+
+if ARGV[1] ~= '0' then
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'unflushed', ARGV[1])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ARGV[5], 'm', ARGV[1], 'c', ARGV[6])
+return {0, tonumber(balance), 0}

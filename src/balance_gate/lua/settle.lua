@@ -1,0 +1,44 @@
+--[[
+  Record the final cost of an authorized request: debit or credit the difference
+  to the authorized amount, once. Atomic.
+
+  KEYS[1] account hash    KEYS[2] request record    KEYS[3] usage stream of the shard
+
+  ARGV[1] final amount (decimal integer string, >= 0)
+  ARGV[2] account_id      ARGV[3] request_id
+
+  Returns {code, balance, delta, replayed}
+    0 OK                 delta = final - authorized; replayed = 1 when settled before with
+                         this same amount (nothing changed this time)
+    3 NOT_LOADED         load the account and retry
+    5 REQUEST_NOT_FOUND  no allowed request with that id (never seen, denied, or expired)
+    6 ALREADY_SETTLED    settled before with another amount; delta slot carries that amount
+]]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {3, 0, 0, 0}
+end
+local record = redis.call('GET', KEYS[2])
+if not record then
+  return {5, 0, 0, 0}
+end
+
+local authorized, settled = string.match(record, '^(%d+):?(%d*)$')
+if settled ~= '' then
+  if settled ~= ARGV[1] then
+    return {6, 0, tonumber(settled), 0}
+  end
+  return {0, tonumber(redis.call('HGET', KEYS[1], 'balance')), tonumber(settled) - tonumber(authorized), 1}
+end
+
+local delta = tonumber(ARGV[1]) - tonumber(authorized)
+local balance
+if delta ~= 0 then
+  -- Both operands are exact integers below 2^53, so '%d' prints them exactly.
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -delta))
+  redis.call('HINCRBY', KEYS[1], 'unflushed', string.format('%d', delta))
+else
+  balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
+end
+redis.call('SET', KEYS[2], authorized .. ':' .. ARGV[1], 'KEEPTTL')
+redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[2], 'r', ARGV[3], 'm', string.format('%d', delta), 'c', '')
+return {0, balance, delta, 0}

@@ -1,0 +1,66 @@
+"""Every Prometheus metric of the gate, defined together. No per-account labels."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double the output and no dashboard of ours reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# 100 us .. 50 ms in fine steps (the hot path), then a coarse tail.
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+AUTHORIZE_DECISIONS = Counter(
+    "balance_gate_authorize",
+    "Authorize decisions, by result: allowed or the denial code.",
+    ["result"],
+)
+AUTHORIZE_SECONDS = Histogram(
+    "balance_gate_authorize_duration_seconds",
+    "Time to decide one Authorize, from validation to the answer.",
+    buckets=_LATENCY_BUCKETS,
+)
+SETTLES = Counter(
+    "balance_gate_settle",
+    "Settle calls, by result: settled, replayed, request_not_found, already_settled.",
+    ["result"],
+)
+RPC_ERRORS = Counter(
+    "balance_gate_rpc_errors",
+    "RPCs that ended with an error status, by method and gRPC status code.",
+    ["method", "status"],
+)
+REDIS_ERRORS = Counter(
+    "balance_gate_redis_errors",
+    "Redis calls that failed (connection, timeout, server error), by component.",
+    ["component"],
+)
+POSTGRES_ERRORS = Counter(
+    "balance_gate_postgres_errors",
+    "Postgres calls that failed, by component.",
+    ["component"],
+)
+ACCOUNT_LOADS = Counter(
+    "balance_gate_account_loads",
+    "Accounts loaded from Postgres into Redis on first use, by result: loaded, not_found.",
+    ["result"],
+)
+USAGE_FLUSHED = Counter(
+    "balance_gate_usage_flushed_events",
+    "Usage events recorded in Postgres by the flusher (duplicates not counted).",
+)
+USAGE_BACKLOG = Gauge(
+    "balance_gate_usage_backlog_events",
+    "Usage events debited in Redis and not yet recorded in Postgres.",
+)
+USAGE_FLUSH_LAG = Gauge(
+    "balance_gate_usage_flush_lag_seconds",
+    "Age of the oldest usage event not yet recorded in Postgres (0 when none).",
+)
+CREDITS_REAPPLIED = Counter(
+    "balance_gate_credits_reapplied",
+    "Credits found committed in Postgres but not confirmed in Redis, and applied by the sweeper.",
+)

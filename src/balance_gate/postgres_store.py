@@ -1,0 +1,292 @@
+"""Postgres, the system of record: accounts, credits, usage, and the shard locks.
+
+Writers that change money in Postgres and then in Redis hold their shard's
+advisory lock *shared* across both steps; loading or reconciling an account
+holds it *exclusive*. So a load never reads a ledger that a half-finished
+credit or flush has changed in one store and not yet in the other.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from balance_gate.constants import HOT_SHARD_LOCK_CLASS
+from balance_gate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRow:
+    account_id: str
+    currency: str
+    status: str
+    credited_micros: int
+    used_micros: int
+    created_at: dt.datetime
+
+    @property
+    def ledger_balance_micros(self) -> int:
+        return self.credited_micros - self.used_micros
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """What Redis needs to hold an account: its ledger balance and status."""
+
+    status: str
+    ledger_balance_micros: int
+    # Credits committed but not yet known to be in Redis (see sync_account.lua).
+    unapplied_credit_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class CreditRow:
+    credit_id: int
+    account_id: str
+    amount_micros: int
+    hot_applied: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    account_id: str
+    request_id: str
+    kind: str  # 'authorize' | 'settle'
+    amount_micros: int
+    capability: str
+    occurred_at: dt.datetime
+    stream_entry_id: str
+
+
+# A connection of the pool, or one opened directly (migrations, tests).
+# The stubs make both generic; at run time they are plain classes.
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection | PoolConnectionProxy
+
+_ACCOUNT_COLUMNS = "account_id, currency, status, credited_micros, used_micros, created_at"
+
+
+def _account(row: asyncpg.Record) -> AccountRow:
+    return AccountRow(
+        account_id=row["account_id"],
+        currency=row["currency"],
+        status=row["status"],
+        credited_micros=row["credited_micros"],
+        used_micros=row["used_micros"],
+        created_at=row["created_at"],
+    )
+
+
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def shard_lock(
+        self, shards: Iterable[int], *, exclusive: bool
+    ) -> AsyncIterator[Connection]:
+        """Hold the hot-state locks of these shards on one connection.
+
+        Shared holders take them in ascending order, so two of them never wait
+        on each other through a queued exclusive request.
+        """
+        function = "pg_advisory_lock" if exclusive else "pg_advisory_lock_shared"
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                f"SELECT {function}($1, s)"
+                " FROM (SELECT DISTINCT unnest($2::int[]) AS s ORDER BY 1) ordered",
+                HOT_SHARD_LOCK_CLASS,
+                list(shards),
+            )
+            try:
+                yield conn
+            finally:
+                # Releasing the connection resets it (asyncpg unlocks all advisory
+                # locks then too); unlocking here frees the shards sooner.
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    # --- accounts ---------------------------------------------------------
+
+    async def create_account(self, account_id: str, currency: str) -> AccountRow:
+        row = await self._pool.fetchrow(
+            f"""INSERT INTO accounts (account_id, currency) VALUES ($1, $2)
+                ON CONFLICT (account_id) DO NOTHING RETURNING {_ACCOUNT_COLUMNS}""",
+            account_id,
+            currency,
+        )
+        if row is None:
+            raise AlreadyExists(f"account {account_id!r} already exists")
+        return _account(row)
+
+    async def get_account(self, account_id: str) -> AccountRow | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1", account_id
+        )
+        return None if row is None else _account(row)
+
+    async def account_ids(self, after: str, limit: int) -> list[str]:
+        rows = await self._pool.fetch(
+            "SELECT account_id FROM accounts WHERE account_id > $1 ORDER BY account_id LIMIT $2",
+            after,
+            limit,
+        )
+        return [r["account_id"] for r in rows]
+
+    async def load_snapshot(self, conn: Connection, account_id: str) -> LoadSnapshot | None:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await conn.fetchrow(
+                "SELECT status, credited_micros - used_micros AS balance FROM accounts"
+                " WHERE account_id = $1",
+                account_id,
+            )
+            if row is None:
+                return None
+            unapplied = await conn.fetch(
+                "SELECT credit_id FROM credits WHERE account_id = $1 AND NOT hot_applied",
+                account_id,
+            )
+        return LoadSnapshot(row["status"], row["balance"], [r["credit_id"] for r in unapplied])
+
+    async def set_status(self, conn: Connection, account_id: str, status: str) -> AccountRow:
+        row = await conn.fetchrow(
+            f"""UPDATE accounts SET status = $2, updated_at = now() WHERE account_id = $1
+                RETURNING {_ACCOUNT_COLUMNS}""",
+            account_id,
+            status,
+        )
+        if row is None:
+            raise NotFound(f"account {account_id!r} not found")
+        return _account(row)
+
+    # --- credits ----------------------------------------------------------
+
+    async def record_credit(
+        self,
+        conn: Connection,
+        account_id: str,
+        amount_micros: int,
+        reason: str,
+        idempotency_key: str,
+        max_balance_micros: int,
+    ) -> CreditRow:
+        """Insert the credit and add it to the running total, once per key.
+
+        A replay with the same key returns the stored credit; the same key with
+        another amount or reason is refused rather than silently ignored.
+        """
+        async with conn.transaction():
+            account = await conn.fetchrow(
+                "SELECT credited_micros - used_micros AS balance FROM accounts"
+                " WHERE account_id = $1 FOR UPDATE",
+                account_id,
+            )
+            if account is None:
+                raise NotFound(f"account {account_id!r} not found")
+            existing = await conn.fetchrow(
+                """SELECT credit_id, amount_micros, reason, hot_applied FROM credits
+                   WHERE account_id = $1 AND idempotency_key = $2""",
+                account_id,
+                idempotency_key,
+            )
+            if existing is not None:
+                if existing["amount_micros"] != amount_micros or existing["reason"] != reason:
+                    raise FailedPrecondition(
+                        f"idempotency_key {idempotency_key!r} was used with amount_micros="
+                        f"{existing['amount_micros']} and another reason or amount"
+                    )
+                return CreditRow(
+                    existing["credit_id"], account_id, amount_micros, existing["hot_applied"]
+                )
+            if abs(account["balance"] + amount_micros) > max_balance_micros:
+                raise InvalidArgument(
+                    "amount_micros", "would take the balance outside the supported range"
+                )
+            credit_id = await conn.fetchval(
+                """INSERT INTO credits (account_id, amount_micros, kind, reason, idempotency_key)
+                   VALUES ($1, $2, 'adjustment', $3, $4) RETURNING credit_id""",
+                account_id,
+                amount_micros,
+                reason,
+                idempotency_key,
+            )
+            await conn.execute(
+                """UPDATE accounts SET credited_micros = credited_micros + $2, updated_at = now()
+                   WHERE account_id = $1""",
+                account_id,
+                amount_micros,
+            )
+        return CreditRow(credit_id, account_id, amount_micros, hot_applied=False)
+
+    async def mark_credit_applied(self, conn: Connection, credit_id: int) -> None:
+        await conn.execute("UPDATE credits SET hot_applied = true WHERE credit_id = $1", credit_id)
+
+    async def unapplied_credits(self, older_than_s: float, limit: int) -> list[CreditRow]:
+        rows = await self._pool.fetch(
+            """SELECT credit_id, account_id, amount_micros FROM credits
+               WHERE NOT hot_applied AND created_at < now() - make_interval(secs => $1)
+               ORDER BY created_at LIMIT $2""",
+            older_than_s,
+            limit,
+        )
+        return [CreditRow(r["credit_id"], r["account_id"], r["amount_micros"], False) for r in rows]
+
+    # --- usage ------------------------------------------------------------
+
+    async def record_usage(self, conn: Connection, events: Sequence[UsageEvent]) -> int:
+        """Insert usage events, skipping those already recorded; return how many were new.
+
+        The running totals grow by exactly the inserted rows, in the same
+        transaction. Account rows are locked in a fixed order first, so two
+        flushers with overlapping batches cannot deadlock.
+        """
+        if not events:
+            return 0
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])"
+                " ORDER BY account_id FOR UPDATE",
+                sorted({e.account_id for e in events}),
+            )
+            inserted: int = await conn.fetchval(
+                """WITH new AS (
+                       INSERT INTO usage_events (account_id, request_id, kind, amount_micros,
+                                                 capability, occurred_at, stream_entry_id)
+                       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
+                                            $5::text[], $6::timestamptz[], $7::text[])
+                       ON CONFLICT DO NOTHING
+                       RETURNING account_id, amount_micros
+                   ), totals AS (
+                       SELECT account_id, sum(amount_micros) AS used, count(*) AS n
+                       FROM new GROUP BY account_id
+                   ), updated AS (
+                       UPDATE accounts a SET used_micros = a.used_micros + t.used
+                       FROM totals t WHERE a.account_id = t.account_id
+                       RETURNING t.n
+                   )
+                   SELECT coalesce(sum(n), 0)::int FROM updated""",
+                [e.account_id for e in events],
+                [e.request_id for e in events],
+                [e.kind for e in events],
+                [e.amount_micros for e in events],
+                [e.capability for e in events],
+                [e.occurred_at for e in events],
+                [e.stream_entry_id for e in events],
+            )
+        return inserted
+
+    async def usage_total(self, account_id: str) -> int:
+        """Sum of the usage rows (the audit's second opinion on used_micros)."""
+        total: int = await self._pool.fetchval(
+            "SELECT coalesce(sum(amount_micros), 0)::bigint FROM usage_events"
+            " WHERE account_id = $1",
+            account_id,
+        )
+        return total

@@ -1,0 +1,234 @@
+"""Redis, the hot state: one Lua script per money decision, one round trip each.
+
+Scripts live in balance_gate/lua and are called by EVALSHA (redis-py's Script
+object loads them again after a NOSCRIPT, e.g. when Redis restarted).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ResponseError
+
+from balance_gate.constants import CREDIT_MARKER_TTL_SECONDS, MAX_SAFE_MICROS, USAGE_GROUP
+from balance_gate.keys import Keys, shard_of
+from balance_gate.postgres_store import UsageEvent
+
+_KIND = {b"a": "authorize", b"s": "settle"}
+
+
+def _lua(name: str) -> str:
+    return resources.files("balance_gate").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptResult:
+    code: int
+    balance_micros: int
+    # Settle: the delta; sync_account: the correction applied; otherwise 0.
+    value: int = 0
+    # Authorize and Settle: this request_id was already decided/settled.
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HotAccount:
+    balance_micros: int
+    unflushed_micros: int
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """A usage event as read from a shard's stream, not yet acknowledged."""
+
+    shard: int
+    entry_id: str
+    event: UsageEvent
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, key_prefix: str, request_ttl_seconds: int) -> None:
+        self.client = client
+        self.keys = Keys(key_prefix)
+        self._request_ttl = str(request_ttl_seconds)
+        self._authorize: AsyncScript = client.register_script(_lua("authorize"))
+        self._settle: AsyncScript = client.register_script(_lua("settle"))
+        self._apply_credit: AsyncScript = client.register_script(_lua("apply_credit"))
+        self._sync: AsyncScript = client.register_script(_lua("sync_account"))
+        self._ack: AsyncScript = client.register_script(_lua("ack_usage"))
+        self._set_status: AsyncScript = client.register_script(_lua("set_status"))
+
+    # --- the hot path -----------------------------------------------------
+
+    async def authorize(
+        self, account_id: str, request_id: str, amount_micros: int, capability: str
+    ) -> ScriptResult:
+        shard = shard_of(account_id)
+        keys = self.keys
+        reply = await self._authorize(
+            keys=[
+                keys.account(account_id),
+                keys.request(account_id, request_id),
+                keys.usage_stream(shard),
+            ],
+            args=[
+                str(amount_micros),
+                str(-amount_micros),
+                self._request_ttl,
+                account_id,
+                request_id,
+                capability,
+            ],
+        )
+        return ScriptResult(int(reply[0]), int(reply[1]), replayed=bool(reply[2]))
+
+    async def settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
+        keys = self.keys
+        reply = await self._settle(
+            keys=[
+                keys.account(account_id),
+                keys.request(account_id, request_id),
+                keys.usage_stream(shard_of(account_id)),
+            ],
+            args=[str(amount_micros), account_id, request_id],
+        )
+        return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
+
+    # --- account state ----------------------------------------------------
+
+    async def read_account(self, account_id: str) -> HotAccount | None:
+        balance, unflushed, status = await self.client.hmget(
+            self.keys.account(account_id), ["balance", "unflushed", "status"]
+        )
+        if balance is None:
+            return None
+        assert isinstance(status, bytes)
+        assert unflushed is not None
+        return HotAccount(int(balance), int(unflushed), status.decode())
+
+    async def apply_credit(
+        self, account_id: str, credit_id: int, amount_micros: int
+    ) -> ScriptResult:
+        reply = await self._apply_credit(
+            keys=[self.keys.account(account_id), self.keys.credit_marker(account_id, credit_id)],
+            args=[str(amount_micros), str(CREDIT_MARKER_TTL_SECONDS), str(MAX_SAFE_MICROS)],
+        )
+        return ScriptResult(int(reply[0]), int(reply[1]))
+
+    async def sync_account(
+        self,
+        account_id: str,
+        *,
+        reconcile: bool,
+        ledger_balance_micros: int,
+        status: str,
+        unapplied_credit_ids: Sequence[int],
+    ) -> ScriptResult:
+        markers = [self.keys.credit_marker(account_id, cid) for cid in unapplied_credit_ids]
+        reply = await self._sync(
+            keys=[self.keys.account(account_id), *markers],
+            args=[
+                "reconcile" if reconcile else "load",
+                str(ledger_balance_micros),
+                status,
+                str(CREDIT_MARKER_TTL_SECONDS),
+            ],
+        )
+        return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def set_status(self, account_id: str, status: str) -> bool:
+        return bool(await self._set_status(keys=[self.keys.account(account_id)], args=[status]))
+
+    # --- usage streams ----------------------------------------------------
+
+    async def ensure_usage_groups(self) -> None:
+        """Create the flushers' consumer group on every shard stream (idempotent).
+
+        Id 0: a group created after Redis lost its groups still reads what the
+        streams already hold.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for stream in self.keys.all_usage_streams():
+            pipe.xgroup_create(stream, USAGE_GROUP, id="0", mkstream=True)
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise result
+
+    async def read_usage(
+        self, consumer: str, count: int, block_ms: int | None
+    ) -> list[StreamEntry]:
+        """New entries of every shard; waits up to block_ms for some (None: no wait)."""
+        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
+            stream: ">" for stream in self.keys.all_usage_streams()
+        }
+        reply = await self.client.xreadgroup(USAGE_GROUP, consumer, streams, count, block_ms)
+        return self._entries(cast(list[list[Any]], reply or []))
+
+    async def claim_stale_usage(
+        self, shard: int, consumer: str, min_idle_ms: int, count: int
+    ) -> list[StreamEntry]:
+        """Take over entries a silent (likely dead) consumer read but never acknowledged."""
+        stream = self.keys.usage_stream(shard)
+        reply = await self.client.xautoclaim(
+            stream, USAGE_GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+        )
+        return self._entries([[stream.encode(), reply[1]]])
+
+    async def ack_usage(self, shard: int, entries: Sequence[StreamEntry]) -> int:
+        keys = [self.keys.usage_stream(shard)]
+        args: list[str] = [USAGE_GROUP]
+        for entry in entries:
+            keys.append(self.keys.account(entry.event.account_id))
+            args += [entry.entry_id, str(-entry.event.amount_micros)]
+        return int(await self._ack(keys=keys, args=args))
+
+    async def usage_backlog(self) -> tuple[int, int | None]:
+        """(events not yet flushed, Redis ms timestamp of the oldest), over all shards.
+
+        Flushed events are deleted from their stream, so what a stream holds is
+        exactly what Postgres does not have yet.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for stream in self.keys.all_usage_streams():
+            pipe.xlen(stream)
+            pipe.xrange(stream, count=1)
+        replies = await pipe.execute()
+        waiting = sum(replies[0::2])
+        oldest = [int(first[0][0].split(b"-")[0]) for first in replies[1::2] if first]
+        return waiting, min(oldest) if oldest else None
+
+    def _entries(self, reply: list[list[Any]]) -> list[StreamEntry]:
+        prefix_len = len(self.keys.prefix) + 2  # "<prefix>:{"
+        entries = []
+        for stream, messages in reply:
+            assert isinstance(stream, bytes)
+            assert isinstance(messages, list)
+            shard = int(stream[prefix_len : stream.index(b"}")])
+            for entry_id, fields in messages:
+                if fields is None:  # deleted while pending; nothing to record
+                    continue
+                entries.append(
+                    StreamEntry(shard, entry_id.decode(), _usage_event(entry_id, fields))
+                )
+        return entries
+
+
+def _usage_event(entry_id: bytes, fields: dict[bytes, bytes]) -> UsageEvent:
+    millis = int(entry_id.split(b"-")[0])
+    occurred_at = dt.datetime.fromtimestamp(millis // 1000, tz=dt.UTC)
+    return UsageEvent(
+        account_id=fields[b"a"].decode(),
+        request_id=fields[b"r"].decode(),
+        kind=_KIND[fields[b"k"]],
+        amount_micros=int(fields[b"m"]),
+        capability=fields[b"c"].decode(),
+        occurred_at=occurred_at + dt.timedelta(milliseconds=millis % 1000),
+        stream_entry_id=entry_id.decode(),
+    )

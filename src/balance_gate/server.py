@@ -1,0 +1,156 @@
+"""The sidecar process: two gRPC listeners, the metrics endpoint, background tasks.
+
+Start-up: open the stores, bind the proxies' port (BalanceGate) and the
+operators' port (Admin), each with grpc.health.v1 and server reflection, serve
+/metrics, start the usage flusher and the credit sweeper.
+Shutdown (SIGTERM/SIGINT): health goes NOT_SERVING, the listeners stop taking
+calls and let in-flight ones finish, the flusher drains, the pools close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from balance_gate.app import App
+from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
+from balance_gate.settings import Settings
+from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# grpc-stubs types only the synchronous half of grpc_health.
+AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
+GATE_SERVICE = gate_pb2.DESCRIPTOR.services_by_name["BalanceGate"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+
+_GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    # Proxies keep one channel open for hours; let them ping it.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+@dataclass(frozen=True)
+class Listening:
+    gate_port: int
+    admin_port: int
+    metrics_port: int
+
+
+def _listener(service: str, add: Callable[[grpc.aio.Server], None]) -> tuple[grpc.aio.Server, Any]:
+    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    add(server)
+    checker = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(
+        [
+            service,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server, checker
+
+
+class Sidecar:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        settings = app.settings
+        self._gate, self._gate_health = _listener(
+            GATE_SERVICE,
+            lambda s: gate_pb2_grpc.add_BalanceGateServicer_to_server(
+                BalanceGateServicer(app.gate), s
+            ),
+        )
+        self._admin, self._admin_health = _listener(
+            ADMIN_SERVICE,
+            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(app.accounts), s),
+        )
+        self._gate_port = self._gate.add_insecure_port(settings.gate_listen)
+        self._admin_port = self._admin.add_insecure_port(settings.admin_listen)
+        self._metrics: WSGIServer | None = None
+        self._stop_background = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> Listening:
+        host, port = self.app.settings.metrics_address
+        self._metrics, _ = start_http_server(port, addr=host)
+        self._tasks = [
+            asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
+            asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
+        ]
+        await self._gate.start()
+        await self._admin.start()
+        for checker, service in (
+            (self._gate_health, GATE_SERVICE),
+            (self._admin_health, ADMIN_SERVICE),
+        ):
+            await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+            await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return Listening(self._gate_port, self._admin_port, self._metrics.server_port)
+
+    async def stop(self) -> None:
+        grace_s = self.app.settings.shutdown_grace_ms / 1000
+        await self._gate_health.enter_graceful_shutdown()
+        await self._admin_health.enter_graceful_shutdown()
+        await asyncio.gather(self._gate.stop(grace_s), self._admin.stop(grace_s))
+        self._stop_background.set()
+        for task in self._tasks:
+            if task.get_name() == "credit-sweeper":
+                task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+        await self.app.close()
+
+    async def _sweep_credits(self) -> None:
+        interval_s = self.app.settings.credit_sweep_interval_ms / 1000
+        while True:
+            try:
+                await self.app.accounts.sweep_unapplied_credits()
+            except Exception:
+                log.exception("credit sweep failed")
+            await asyncio.sleep(interval_s)
+
+
+async def serve(
+    settings: Settings, on_ready: Callable[[Sidecar, Listening], Awaitable[None]] | None = None
+) -> None:
+    """Run the sidecar until SIGTERM or SIGINT; `on_ready` runs once it serves."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    sidecar = Sidecar(await App.open(settings))
+    listening = await sidecar.start()
+    log.info(
+        "serving: gate on %s, admin on %s, metrics on %s",
+        listening.gate_port,
+        listening.admin_port,
+        listening.metrics_port,
+    )
+    if on_ready is not None:
+        await on_ready(sidecar, listening)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await sidecar.stop()

@@ -1,0 +1,118 @@
+"""One typed settings object, read from BALANCE_GATE_* environment variables.
+
+Every field has a default that works for `make run` on one machine, and a
+description that the README's settings table repeats.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from balance_gate.constants import MAX_REQUEST_MICROS_LIMIT, MIN_REQUEST_TTL_SECONDS
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'127.0.0.1:50051' -> ('127.0.0.1', 50051); '[::1]:50051' -> ('::1', 50051)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BALANCE_GATE_", frozen=True, extra="ignore")
+
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="Redis holding the hot balances (redis:// or rediss://).",
+    )
+    database_url: SecretStr = Field(
+        default=SecretStr("postgresql://postgres@127.0.0.1:5432/balance_gate"),
+        description="Postgres, the system of record.",
+    )
+    gate_listen: str = Field(
+        default="127.0.0.1:50051", description="host:port of the proxies' gRPC API (BalanceGate)."
+    )
+    admin_listen: str = Field(
+        default="127.0.0.1:50052", description="host:port of the operators' gRPC API (Admin)."
+    )
+    metrics_listen: str = Field(
+        default="127.0.0.1:9464", description="host:port serving Prometheus /metrics."
+    )
+    redis_key_prefix: str = Field(
+        default="bg",
+        pattern=r"^[a-z][a-z0-9_]{0,15}$",
+        description="Prefix of every Redis key; lets several gates share one Redis.",
+    )
+    request_ttl_seconds: int = Field(
+        default=172_800,
+        ge=MIN_REQUEST_TTL_SECONDS,
+        description="How long a request_id is remembered for de-duplication and Settle (>= 24 h).",
+    )
+    max_request_micros: int = Field(
+        default=1_000_000_000,
+        ge=0,
+        le=MAX_REQUEST_MICROS_LIMIT,
+        description="Largest amount one Authorize or Settle may carry ($1,000 by default).",
+    )
+    redis_timeout_ms: int = Field(
+        default=1_000, ge=1, le=60_000, description="Socket timeout of every Redis call."
+    )
+    redis_max_connections: int = Field(
+        default=64, ge=2, le=10_000, description="Connections in the Redis pool."
+    )
+    database_pool_size: int = Field(
+        default=10, ge=2, le=1_000, description="Connections in the Postgres pool."
+    )
+    flush_batch_size: int = Field(
+        default=1_000, ge=1, le=100_000, description="Usage events read per stream per flush."
+    )
+    flush_block_ms: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="How long the flusher waits for new usage before looping.",
+    )
+    flush_claim_idle_ms: int = Field(
+        default=30_000,
+        ge=100,
+        description="Usage read by a consumer that has been silent this long is taken over.",
+    )
+    credit_sweep_interval_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="How often credits that a crash left out of Redis are applied.",
+    )
+    stats_interval_ms: int = Field(
+        default=2_000, ge=100, description="How often the flush lag and backlog gauges refresh."
+    )
+    not_found_cache_ms: int = Field(
+        default=2_000,
+        ge=0,
+        description="How long an unknown account_id is remembered, sparing Postgres a lookup.",
+    )
+    shutdown_grace_ms: int = Field(
+        default=5_000, ge=0, description="How long in-flight calls may finish on SIGTERM."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="text", description="json in production: one object per line."
+    )
+
+    @field_validator("gate_listen", "admin_listen", "metrics_listen")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @cached_property
+    def gate_address(self) -> tuple[str, int]:
+        return split_host_port(self.gate_listen)
+
+    @cached_property
+    def metrics_address(self) -> tuple[str, int]:
+        return split_host_port(self.metrics_listen)

@@ -1,0 +1,142 @@
+"""Real servers for the whole session; a fresh database and key prefix per test.
+
+One redis-server and one postgres start per session on free ports in a
+temporary directory. Each test gets its own database, cloned from a migrated
+template (fast), and its own Redis key prefix, so tests never see each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from balance_gate import migrations
+from balance_gate.app import App
+from balance_gate.devservers import PostgresServer, RedisServer, free_port
+from balance_gate.server import Listening, Sidecar
+from balance_gate.settings import Settings
+from balance_gate.v1 import admin_pb2_grpc, gate_pb2_grpc
+
+TEMPLATE_DB = "bg_template"
+_counter = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Servers:
+    redis: RedisServer
+    postgres: PostgresServer
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    root = Path(tempfile.mkdtemp(prefix="balance-gate-test-"))
+    root.chmod(0o755)  # postgres may run as `nobody` and must reach its directory
+    redis = RedisServer(root / "redis", free_port(), durable=False)
+    postgres = PostgresServer(root / "postgres", free_port(), durable=False)
+    redis.start()
+    try:
+        postgres.start()
+        yield Servers(redis, postgres)
+    finally:
+        postgres.stop()
+        redis.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_database(servers: Servers) -> str:
+    admin = await asyncpg.connect(servers.postgres.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(servers.postgres.dsn(TEMPLATE_DB))
+    try:
+        await migrations.migrate(conn)
+    finally:
+        await conn.close()
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def settings(servers: Servers, template_database: str) -> Settings:
+    n = next(_counter)
+    database = f"t{os.getpid()}_{n}"
+    admin = await asyncpg.connect(servers.postgres.dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {database} TEMPLATE {template_database}")
+    finally:
+        await admin.close()
+    return Settings(
+        redis_url=servers.redis.url,  # type: ignore[arg-type]
+        database_url=servers.postgres.dsn(database),  # type: ignore[arg-type]
+        redis_key_prefix=f"t{n}",
+        gate_listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+        flush_block_ms=20,
+        stats_interval_ms=200,
+        shutdown_grace_ms=1_000,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[App]:
+    """The core without listeners or background tasks: tests drive it directly."""
+    application = await App.open(settings, migrate=False)
+    await application.hot.ensure_usage_groups()
+    try:
+        yield application
+    finally:
+        await application.close()
+
+
+@dataclass
+class RunningGate:
+    app: App
+    listening: Listening
+    gate: gate_pb2_grpc.BalanceGateAsyncStub
+    admin: admin_pb2_grpc.AdminAsyncStub
+    gate_channel: grpc.aio.Channel
+    admin_channel: grpc.aio.Channel
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[RunningGate]:
+    """A whole sidecar (listeners, flusher, sweeper) and clients of both ports."""
+    sidecar = Sidecar(await App.open(settings, migrate=False))
+    listening = await sidecar.start()
+    gate_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.gate_port}")
+    admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.admin_port}")
+    try:
+        yield RunningGate(
+            sidecar.app,
+            listening,
+            gate_pb2_grpc.BalanceGateStub(gate_channel),
+            admin_pb2_grpc.AdminStub(admin_channel),
+            gate_channel,
+            admin_channel,
+        )
+    finally:
+        await gate_channel.close(None)
+        await admin_channel.close(None)
+        await sidecar.stop()
+
+
+@pytest.fixture
+async def redis_client(servers: Servers) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(servers.redis.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

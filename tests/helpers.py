@@ -1,0 +1,68 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from balance_gate.app import App
+from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2
+
+USD = 1_000_000  # micros
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+async def fund(app: App, account_id: str, micros: int) -> None:
+    await app.accounts.create(account_id, "USD")
+    await app.accounts.credit(account_id, micros, "test funding", f"fund-{rid()}")
+
+
+async def fund_over_grpc(
+    admin: admin_pb2_grpc.AdminAsyncStub, account_id: str, micros: int
+) -> None:
+    await admin.CreateAccount(admin_pb2.CreateAccountRequest(account_id=account_id))
+    await admin.Credit(
+        admin_pb2.CreditRequest(
+            account_id=account_id,
+            amount_micros=micros,
+            reason="test funding",
+            idempotency_key=f"fund-{rid()}",
+        )
+    )
+
+
+def authorize_request(
+    account_id: str, amount_micros: int, request_id: str | None = None, capability: str = ""
+) -> gate_pb2.AuthorizeRequest:
+    return gate_pb2.AuthorizeRequest(
+        account_id=account_id,
+        request_id=request_id or rid(),
+        amount_micros=amount_micros,
+        capability=capability,
+    )
+
+
+async def wait_until_flushed(app: App, timeout_s: float = 15.0) -> None:
+    """Wait for the background flusher to have recorded everything in Postgres.
+
+    Polls a condition the flusher's own work makes true; it never sleeps a
+    fixed time to hide a race.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting, _ = await app.hot.usage_backlog()
+        if waiting == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{waiting} usage events still unflushed after {timeout_s}s")
+        await asyncio.sleep(0.02)
+
+
+async def ledger_balance(app: App, account_id: str) -> int:
+    row = await app.pg.get_account(account_id)
+    assert row is not None
+    return row.ledger_balance_micros
