@@ -100,14 +100,15 @@ class Accounts:
                 self._not_found.add(account_id)
                 metrics.ACCOUNT_LOADS.labels("not_found").inc()
                 return False
-            await self._hot.sync_account(
+            result = await self._hot.sync_account(
                 account_id,
                 reconcile=False,
                 ledger_balance_micros=snapshot.ledger_balance_micros,
                 status=snapshot.status,
                 unapplied_credit_ids=snapshot.unapplied_credit_ids,
             )
-        metrics.ACCOUNT_LOADS.labels("loaded").inc()
+        loaded = result.code != ScriptCode.ALREADY_LOADED
+        metrics.ACCOUNT_LOADS.labels("loaded" if loaded else "already_loaded").inc()
         return True
 
     async def reconcile_locked(self, conn: Connection, account_id: str) -> int | None:

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 2.0
 
 
+def _streams_lost(exc: ResponseError) -> bool:
+    """NOGROUP: a stream or its group is missing. UNBLOCKED: a stream we were
+    blocked on was deleted. Both mean Redis lost its state: recreate the groups."""
+    message = str(exc)
+    return message.startswith(("NOGROUP", "UNBLOCKED"))
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
@@ -75,10 +82,13 @@ class UsageFlusher:
                     next_stats = now + self._stats_interval_s
                 backoff_s = 0.05
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                log.warning("usage consumer groups are gone (Redis restarted?); recreating")
-                groups_ready = False
+                if _streams_lost(exc):
+                    log.warning("usage streams or groups are gone (Redis flushed?); recreating")
+                    groups_ready = False
+                    continue
+                # Unexpected, but the flusher must outlive any one reply.
+                metrics.REDIS_ERRORS.labels("flusher").inc()
+                backoff_s = await self._back_off(stop, backoff_s, "Redis", exc)
             except (RedisError, OSError) as exc:
                 metrics.REDIS_ERRORS.labels("flusher").inc()
                 backoff_s = await self._back_off(stop, backoff_s, "Redis", exc)
@@ -144,13 +154,19 @@ class UsageFlusher:
         return recorded
 
     async def _record(self, conn: Connection, entries: Sequence[StreamEntry]) -> int:
-        inserted = await self._pg.record_usage(conn, [entry.event for entry in entries])
+        recorded = await self._pg.record_usage(conn, [entry.event for entry in entries])
         by_shard: dict[int, list[StreamEntry]] = defaultdict(list)
         for entry in entries:
             by_shard[entry.shard].append(entry)
         for shard, shard_entries in by_shard.items():
-            await self._hot.ack_usage(shard, shard_entries)
-        metrics.USAGE_FLUSHED.inc(inserted)
+            await self._hot.ack_usage(shard, shard_entries, recorded.duplicate_entry_ids)
+        metrics.USAGE_FLUSHED.inc(recorded.inserted)
+        if recorded.duplicate_entry_ids:
+            metrics.USAGE_DUPLICATES_REVERTED.inc(len(recorded.duplicate_entry_ids))
+            log.warning(
+                "%d usage events repeated requests the ledger already had; reverted in Redis",
+                len(recorded.duplicate_entry_ids),
+            )
         return len(entries)
 
     async def refresh_stats(self) -> None:

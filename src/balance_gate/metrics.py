@@ -45,12 +45,16 @@ POSTGRES_ERRORS = Counter(
 )
 ACCOUNT_LOADS = Counter(
     "balance_gate_account_loads",
-    "Accounts loaded from Postgres into Redis on first use, by result: loaded, not_found.",
+    "Loads of accounts from Postgres into Redis, by result: loaded, already_loaded, not_found.",
     ["result"],
 )
 USAGE_FLUSHED = Counter(
     "balance_gate_usage_flushed_events",
     "Usage events recorded in Postgres by the flusher (duplicates not counted).",
+)
+USAGE_DUPLICATES_REVERTED = Counter(
+    "balance_gate_usage_duplicates_reverted",
+    "Debits of requests the ledger already had (Redis lost its request records), given back.",
 )
 USAGE_BACKLOG = Gauge(
     "balance_gate_usage_backlog_events",

@@ -71,6 +71,15 @@ if TYPE_CHECKING:
 else:
     Connection = asyncpg.Connection | PoolConnectionProxy
 
+
+@dataclass(frozen=True, slots=True)
+class UsageRecorded:
+    inserted: int
+    # Stream entries that debited a request the ledger already had: Redis must
+    # give those amounts back (see ack_usage.lua).
+    duplicate_entry_ids: frozenset[str]
+
+
 _ACCOUNT_COLUMNS = "account_id, currency, status, credited_micros, used_micros, created_at"
 
 
@@ -240,15 +249,15 @@ class PostgresStore:
 
     # --- usage ------------------------------------------------------------
 
-    async def record_usage(self, conn: Connection, events: Sequence[UsageEvent]) -> int:
-        """Insert usage events, skipping those already recorded; return how many were new.
+    async def record_usage(self, conn: Connection, events: Sequence[UsageEvent]) -> UsageRecorded:
+        """Insert usage events, skipping those already recorded (P2).
 
         The running totals grow by exactly the inserted rows, in the same
         transaction. Account rows are locked in a fixed order first, so two
         flushers with overlapping batches cannot deadlock.
         """
         if not events:
-            return 0
+            return UsageRecorded(0, frozenset())
         async with conn.transaction():
             await conn.execute(
                 "SELECT 1 FROM accounts WHERE account_id = ANY($1::text[])"
@@ -280,7 +289,37 @@ class PostgresStore:
                 [e.occurred_at for e in events],
                 [e.stream_entry_id for e in events],
             )
-        return inserted
+            if inserted == len(events):
+                return UsageRecorded(inserted, frozenset())
+            duplicates = await self._debited_twice(conn, events)
+        return UsageRecorded(inserted, duplicates)
+
+    async def _debited_twice(
+        self, conn: Connection, events: Sequence[UsageEvent]
+    ) -> frozenset[str]:
+        """Entries whose request the ledger already holds from *another* stream entry.
+
+        The same entry seen again is a flusher retry. Another entry for the same
+        (account, request, kind) means Redis decided the request twice: it lost
+        the request record (restart, flush) and a retry came in.
+        """
+        rows = await conn.fetch(
+            """SELECT u.account_id, u.request_id, u.kind, u.stream_entry_id
+               FROM usage_events u
+               JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(account_id, request_id, kind)
+                 USING (account_id, request_id, kind)""",
+            [e.account_id for e in events],
+            [e.request_id for e in events],
+            [e.kind for e in events],
+        )
+        recorded = {
+            (r["account_id"], r["request_id"], r["kind"]): r["stream_entry_id"] for r in rows
+        }
+        return frozenset(
+            e.stream_entry_id
+            for e in events
+            if recorded[(e.account_id, e.request_id, e.kind)] != e.stream_entry_id
+        )
 
     async def usage_total(self, account_id: str) -> int:
         """Sum of the usage rows (the audit's second opinion on used_micros)."""

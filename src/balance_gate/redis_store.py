@@ -7,7 +7,7 @@ object loads them again after a NOSCRIPT, e.g. when Redis restarted).
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -181,12 +181,17 @@ class RedisStore:
         )
         return self._entries([[stream.encode(), reply[1]]])
 
-    async def ack_usage(self, shard: int, entries: Sequence[StreamEntry]) -> int:
+    async def ack_usage(
+        self, shard: int, entries: Sequence[StreamEntry], duplicates: Set[str] = frozenset()
+    ) -> int:
+        """Acknowledge recorded entries; give back the debits of `duplicates`."""
         keys = [self.keys.usage_stream(shard)]
         args: list[str] = [USAGE_GROUP]
         for entry in entries:
+            amount = entry.event.amount_micros
             keys.append(self.keys.account(entry.event.account_id))
-            args += [entry.entry_id, str(-entry.event.amount_micros)]
+            refund = str(amount) if entry.entry_id in duplicates else "0"
+            args += [entry.entry_id, str(-amount), refund]
         return int(await self._ack(keys=keys, args=args))
 
     async def usage_backlog(self) -> tuple[int, int | None]:

@@ -3,21 +3,33 @@
   their amounts out of each account's 'unflushed' total (once: only when XACK
   says the entry was still pending), and delete them from the stream.
 
+  An entry whose request the ledger already had from another entry (Redis lost
+  its request record and decided a retry again) is also given back to the
+  balance, so the hot balance keeps matching the ledger (P2).
+
   KEYS[1]    usage stream of one shard
   KEYS[2..n] account hash of entry i-1
 
-  ARGV[1]         consumer group
-  ARGV[2i], ARGV[2i+1]  entry id and its amount negated (decimal string), i = 1..n-1
+  ARGV[1]  consumer group
+  then per entry i = 1..n-1, three values starting at ARGV[3i-1]:
+    entry id, its amount negated, the amount to give back ("0" when none)
+    (decimal strings; never "-0")
 
   Returns the number of entries acknowledged now.
 ]]
 local acked = 0
 for i = 2, #KEYS do
-  local id, negated = ARGV[2 * (i - 1)], ARGV[2 * (i - 1) + 1]
+  local at = 3 * (i - 1) - 1
+  local id, negated, refund = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     acked = acked + 1
-    if negated ~= '0' and redis.call('EXISTS', KEYS[i]) == 1 then
-      redis.call('HINCRBY', KEYS[i], 'unflushed', negated)
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      if negated ~= '0' then
+        redis.call('HINCRBY', KEYS[i], 'unflushed', negated)
+      end
+      if refund ~= '0' then
+        redis.call('HINCRBY', KEYS[i], 'balance', refund)
+      end
     end
   end
   redis.call('XDEL', KEYS[1], id)
