@@ -143,6 +143,15 @@ class RedisStore:
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
 
+    async def eviction_policy(self) -> str | None:
+        """Redis's maxmemory-policy, or None where CONFIG is disabled (managed Redis)."""
+        try:
+            reply = await self.client.config_get("maxmemory-policy")
+        except ResponseError:
+            return None
+        # redis-py decodes CONFIG GET replies to str.
+        return reply.get("maxmemory-policy")
+
     async def set_status(self, account_id: str, status: str) -> bool:
         return bool(await self._set_status(keys=[self.keys.account(account_id)], args=[status]))
 

@@ -88,6 +88,11 @@ class Sidecar:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> Listening:
+        policy = await self.app.hot.eviction_policy()
+        if policy not in (None, "noeviction"):
+            # An evicted account would be reloaded from the ledger without the
+            # usage still waiting in its stream: refuse writes, never forget.
+            log.warning("Redis maxmemory-policy is %r; balance-gate needs 'noeviction'", policy)
         host, port = self.app.settings.metrics_address
         self._metrics, _ = start_http_server(port, addr=host)
         self._tasks = [
