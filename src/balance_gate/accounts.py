@@ -190,10 +190,14 @@ class Accounts:
         validation.check_id("account_id", account_id)
         if status not in STATUSES:
             raise InvalidArgument("status", f"must be one of {', '.join(STATUSES)}")
+        # Shielded like credits: a disable must reach Redis once Postgres has it.
+        await asyncio.shield(self._set_status(account_id, status))
+        return await self.get(account_id)
+
+    async def _set_status(self, account_id: str, status: str) -> None:
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
             await self._pg.set_status(conn, account_id, status)
             await self._hot.set_status(account_id, status)
-        return await self.get(account_id)
 
     async def sweep_unapplied_credits(self, older_than_s: float = 5.0, limit: int = 500) -> int:
         """Apply credits a crash left between Postgres and Redis; return how many."""

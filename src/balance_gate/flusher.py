@@ -121,12 +121,14 @@ class UsageFlusher:
         return flushed
 
     async def flush_once(self, block_ms: int | None) -> int:
+        # COUNT applies per stream: a backlog over many shards can return up to
+        # SHARD_COUNT * batch_size entries, so Postgres gets them in chunks.
         entries = await self._hot.read_usage(self.consumer, self._batch_size, block_ms)
-        if not entries:
-            return 0
-        shards = {entry.shard for entry in entries}
-        async with self._pg.shard_lock(shards, exclusive=False) as conn:
-            return await self._record(conn, entries)
+        for start in range(0, len(entries), self._batch_size):
+            chunk = entries[start : start + self._batch_size]
+            async with self._pg.shard_lock({e.shard for e in chunk}, exclusive=False) as conn:
+                await self._record(conn, chunk)
+        return len(entries)
 
     async def claim_stale(self) -> int:
         """Take over entries that a consumer read and then went silent on."""
