@@ -1,8 +1,8 @@
-"""ISO 4217 currencies an account may hold a balance in, with their minor-unit exponent.
+"""ISO 4217 currencies an account may use as its default currency, with minor-unit exponents.
 
-Balances are always micro-units (10**-6) of the account's currency; the
-exponent says how many of those digits a card network actually charges
-(JPY: 0, USD: 2, KWD: 3). Fund codes, precious metals and test codes are left
+Balances are always micro-USD (P1). The default currency prices top-ups and
+invoices (P6); the exponent says how many decimals a card network charges in
+it (JPY: 0, USD: 2, KWD: 3). Fund codes, precious metals and test codes are left
 out on purpose: nobody prepays traffic in XAU.
 """
 

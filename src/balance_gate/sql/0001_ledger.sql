@@ -1,5 +1,6 @@
 -- The system of record: accounts, credits and usage. Redis can be rebuilt from these.
--- All money is bigint micro-units of the account's currency.
+-- All money is bigint micro-USD (P1: balances are in USD). accounts.currency is the
+-- default currency that prices top-ups and invoices (P6).
 
 CREATE TABLE accounts (
     account_id      text PRIMARY KEY CHECK (octet_length(account_id) BETWEEN 1 AND 128),
