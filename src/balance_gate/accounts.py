@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from balance_gate import metrics, validation
 from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
-from balance_gate.errors import InvalidArgument, NotFound, Unavailable
+from balance_gate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from balance_gate.keys import shard_of
 from balance_gate.postgres_store import AccountRow, Connection, CreditRow, PostgresStore
 from balance_gate.redis_store import RedisStore
@@ -141,14 +141,17 @@ class Accounts:
 
     async def get(self, account_id: str) -> AccountView:
         validation.check_id("account_id", account_id)
-        for _ in range(2):
+        hot = await self._hot.read_account(account_id)
+        if hot is None:  # load only when missing: a load locks the whole shard
             if not await self.ensure_loaded(account_id):
                 raise NotFound(f"account {account_id!r} not found")
             hot = await self._hot.read_account(account_id)
-            row = await self._pg.get_account(account_id)
-            if hot is not None and row is not None:
-                return _view(row, hot.balance_micros, hot.unflushed_micros)
-        raise Unavailable(f"account {account_id!r} could not be loaded into Redis")
+        row = await self._pg.get_account(account_id)
+        if row is None:
+            raise NotFound(f"account {account_id!r} not found")
+        if hot is None:
+            raise Unavailable(f"account {account_id!r} could not be loaded into Redis")
+        return _view(row, hot.balance_micros, hot.unflushed_micros)
 
     async def credit(
         self, account_id: str, amount_micros: int, reason: str, idempotency_key: str
@@ -171,20 +174,23 @@ class Accounts:
             if not credit.hot_applied:
                 await self._apply_credit(conn, credit)
 
-    async def _apply_credit(self, conn: Connection, credit: CreditRow) -> None:
+    async def _apply_credit(self, conn: Connection, credit: CreditRow) -> bool:
+        """Apply a recorded credit to Redis once; True when it was applied just now."""
         result = await self._hot.apply_credit(
             credit.account_id, credit.credit_id, credit.amount_micros
         )
         if result.code == ScriptCode.OUT_OF_RANGE:
-            # Postgres bounds the ledger balance, so this needs the hot balance to
-            # have drifted far above it. Leave it for an operator to look at.
-            log.error("credit %d would overflow the hot balance; not applied", credit.credit_id)
-            raise InvalidArgument(
-                "amount_micros", "would take the balance outside the supported range"
+            # Postgres bounds the ledger balance, so the hot balance must have
+            # drifted from it; a rebuild reconciles both and counts this credit.
+            log.error("credit %d would take the hot balance out of range", credit.credit_id)
+            raise FailedPrecondition(
+                f"credit {credit.credit_id} is recorded in the ledger, but the hot balance is"
+                " out of range: run `balance-gate rebuild`"
             )
         # OK, ALREADY_APPLIED and NOT_LOADED (a later load counts it) all mean
         # the credit is accounted for in Redis.
         await self._pg.mark_credit_applied(conn, credit.credit_id)
+        return result.code == ScriptCode.OK
 
     async def set_status(self, account_id: str, status: str) -> AccountView:
         validation.check_id("account_id", account_id)
@@ -200,15 +206,25 @@ class Accounts:
             await self._hot.set_status(account_id, status)
 
     async def sweep_unapplied_credits(self, older_than_s: float = 5.0, limit: int = 500) -> int:
-        """Apply credits a crash left between Postgres and Redis; return how many."""
-        swept = 0
+        """Settle credits a crash left between Postgres and Redis; return how many.
+
+        One credit that cannot be applied is logged and skipped, so it never
+        blocks the others.
+        """
+        settled = 0
         for credit in await self._pg.unapplied_credits(older_than_s, limit):
-            async with self._pg.shard_lock([shard_of(credit.account_id)], exclusive=False) as conn:
-                await self._apply_credit(conn, credit)
-            swept += 1
-            metrics.CREDITS_REAPPLIED.inc()
-            log.warning("applied credit %d left unconfirmed in Redis", credit.credit_id)
-        return swept
+            try:
+                async with self._pg.shard_lock(
+                    [shard_of(credit.account_id)], exclusive=False
+                ) as conn:
+                    applied_now = await self._apply_credit(conn, credit)
+            except FailedPrecondition:
+                continue
+            settled += 1
+            if applied_now:
+                metrics.CREDITS_REAPPLIED.inc()
+                log.warning("applied credit %d a crash had left out of Redis", credit.credit_id)
+        return settled
 
 
 def _view(row: AccountRow, balance_micros: int, unflushed_micros: int) -> AccountView:

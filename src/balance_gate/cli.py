@@ -55,7 +55,8 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
     from balance_gate.rebuild import rebuild_all
 
     async def rebuild() -> None:
-        app = await App.open(settings)
+        # Schema changes are `migrate`'s job, not a side effect of a rebuild.
+        app = await App.open(settings, migrate=False)
         try:
             await app.hot.ensure_usage_groups()
             report = await rebuild_all(app.pg, app.accounts, app.flusher)

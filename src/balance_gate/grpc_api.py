@@ -46,9 +46,11 @@ def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         metrics.REDIS_ERRORS.labels(method).inc()
         return grpc.StatusCode.UNAVAILABLE, "redis unavailable"
-    if isinstance(exc, OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
         metrics.POSTGRES_ERRORS.labels(method).inc()
         return grpc.StatusCode.UNAVAILABLE, "postgres unavailable"
+    if isinstance(exc, OSError):  # includes TimeoutError: a store did not answer in time
+        return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable"
     if isinstance(exc, RedisError):
         metrics.REDIS_ERRORS.labels(method).inc()
     log.exception("%s failed", method)

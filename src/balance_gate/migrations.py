@@ -42,12 +42,15 @@ def available() -> list[Migration]:
 
 async def migrate(conn: Connection) -> list[int]:
     """Apply what is missing; return the versions applied now."""
-    await conn.execute(
-        """CREATE TABLE IF NOT EXISTS schema_migrations (
-               version    integer PRIMARY KEY,
-               name       text NOT NULL,
-               applied_at timestamptz NOT NULL DEFAULT now())"""
-    )
+    async with conn.transaction():
+        # Under the lock: two first starts must not both create the table.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
     applied_now = []
     for migration in available():
         async with conn.transaction():

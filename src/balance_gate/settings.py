@@ -60,7 +60,11 @@ class Settings(BaseSettings):
         description="Largest amount one Authorize or Settle may carry ($1,000 by default).",
     )
     redis_timeout_ms: int = Field(
-        default=1_000, ge=1, le=60_000, description="Socket timeout of every Redis call."
+        default=1_000,
+        ge=1,
+        le=60_000,
+        description="Timeout of every Redis call and of waiting for a pooled connection"
+        " (the flusher's blocking read adds flush_block_ms).",
     )
     redis_max_connections: int = Field(
         default=64, ge=2, le=10_000, description="Connections in the Redis pool."
@@ -98,7 +102,9 @@ class Settings(BaseSettings):
     shutdown_grace_ms: int = Field(
         default=5_000, ge=0, description="How long in-flight calls may finish on SIGTERM."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Least severe log level written."
+    )
     log_format: Literal["json", "text"] = Field(
         default="text", description="json in production: one object per line."
     )

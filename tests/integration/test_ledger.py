@@ -272,3 +272,24 @@ async def test_p2_retry_after_redis_lost_its_records_is_given_back_by_the_flushe
     assert (hot.balance_micros, hot.unflushed_micros) == (700_000, 0)
     assert await ledger_balance(app, "amnesia") == 700_000
     assert await app.pg.usage_total("amnesia") == 300_000
+
+
+async def test_a_credit_that_cannot_be_applied_never_blocks_the_sweeper(
+    app: App, redis_client: aioredis.Redis
+) -> None:
+    await fund(app, "drifted", USD)
+    await fund(app, "healthy", USD)
+    # The hot balance drifted to the edge of what a Lua double holds exactly.
+    await redis_client.hset(app.hot.keys.account("drifted"), "balance", str(2**53 - 10))
+    for account_id in ("drifted", "healthy"):  # the stuck credit is the older one
+        async with app.pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            await app.pg.record_credit(conn, account_id, 100, "crash", rid(), 2**53 - 1)
+
+    assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 1
+    assert await _hot_balance(app, "healthy") == USD + 100
+    assert await _hot_balance(app, "drifted") == 2**53 - 10
+    # A rebuild reconciles the drift and counts the stuck credit exactly once.
+    await rebuild_all(app.pg, app.accounts, app.flusher)
+    assert await _hot_balance(app, "drifted") == USD + 100
+    assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 1
+    assert await _hot_balance(app, "drifted") == USD + 100
