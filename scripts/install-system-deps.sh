@@ -32,10 +32,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 echo "Installing system packages: ${missing[*]}"
-# balance-gate runs its own Postgres clusters; don't let the package create one.
-if [[ " ${missing[*]} " == *" postgresql "* ]] && [ ! -e /etc/postgresql-common/createcluster.conf ]; then
-    mkdir -p /etc/postgresql-common
-    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+# balance-gate runs its own Postgres clusters; don't let the package create one
+# (postgresql-common reads this drop-in directory, present or not yet installed).
+if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/balance-gate.conf
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
