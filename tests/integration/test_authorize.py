@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 
 from balance_gate.v1 import admin_pb2, gate_pb2
 from tests.conftest import RunningGate
@@ -158,3 +159,13 @@ async def test_ids_with_colons_never_collide_across_accounts(running: RunningGat
     second = await running.gate.Authorize(authorize_request("a", 100_000, "b:c"))
     assert (first.replayed, second.replayed) == (False, False)
     assert (first.balance_micros, second.balance_micros) == (900_000, 900_000)
+
+
+async def test_scripts_are_reloaded_after_redis_forgets_them(
+    running: RunningGate, redis_client: aioredis.Redis
+) -> None:
+    """EVALSHA answers NOSCRIPT after SCRIPT FLUSH (or a Redis restart): reload, retry."""
+    await fund_over_grpc(running.admin, "noscript", USD)
+    await redis_client.script_flush()
+    answer = await running.gate.Authorize(authorize_request("noscript", 100_000))
+    assert (answer.allowed, answer.balance_micros) == (True, 900_000)
