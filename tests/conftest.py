@@ -53,13 +53,20 @@ def servers() -> Iterator[Servers]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-async def template_database(servers: Servers) -> str:
+async def create_database(servers: Servers, name: str, template: str | None = None) -> str:
+    """Create a database on the session's Postgres; return its DSN."""
     admin = await asyncpg.connect(servers.postgres.dsn())
     try:
-        await admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+        clause = f" TEMPLATE {template}" if template else ""
+        await admin.execute(f"CREATE DATABASE {name}{clause}")
     finally:
         await admin.close()
+    return servers.postgres.dsn(name)
+
+
+@pytest.fixture(scope="session")
+async def template_database(servers: Servers) -> str:
+    await create_database(servers, TEMPLATE_DB)
     conn = await asyncpg.connect(servers.postgres.dsn(TEMPLATE_DB))
     try:
         await migrations.migrate(conn)
@@ -71,15 +78,10 @@ async def template_database(servers: Servers) -> str:
 @pytest.fixture
 async def settings(servers: Servers, template_database: str) -> Settings:
     n = next(_counter)
-    database = f"t{os.getpid()}_{n}"
-    admin = await asyncpg.connect(servers.postgres.dsn())
-    try:
-        await admin.execute(f"CREATE DATABASE {database} TEMPLATE {template_database}")
-    finally:
-        await admin.close()
+    dsn = await create_database(servers, f"t{os.getpid()}_{n}", template_database)
     return Settings(
         redis_url=servers.redis.url,  # type: ignore[arg-type]
-        database_url=servers.postgres.dsn(database),  # type: ignore[arg-type]
+        database_url=dsn,  # type: ignore[arg-type]
         redis_key_prefix=f"t{n}",
         gate_listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",

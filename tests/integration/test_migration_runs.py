@@ -8,19 +8,13 @@ import itertools
 import asyncpg
 
 from balance_gate import migrations
-from tests.conftest import Servers
+from tests.conftest import Servers, create_database
 
 _databases = itertools.count()
 
 
 async def _fresh_database(servers: Servers) -> str:
-    name = f"migrations_{next(_databases)}"
-    admin = await asyncpg.connect(servers.postgres.dsn())
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    return servers.postgres.dsn(name)
+    return await create_database(servers, f"migrations_{next(_databases)}")
 
 
 async def test_applying_migrations_twice_changes_nothing(servers: Servers) -> None:
