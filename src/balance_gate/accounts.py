@@ -172,9 +172,9 @@ class Accounts:
                 conn, account_id, amount_micros, reason, idempotency_key, MAX_SAFE_MICROS
             )
             if not credit.hot_applied:
-                await self._apply_credit(conn, credit)
+                await self.apply_recorded_credit(conn, credit)
 
-    async def _apply_credit(self, conn: Connection, credit: CreditRow) -> bool:
+    async def apply_recorded_credit(self, conn: Connection, credit: CreditRow) -> bool:
         """Apply a recorded credit to Redis once; True when it was applied just now."""
         result = await self._hot.apply_credit(
             credit.account_id, credit.credit_id, credit.amount_micros
@@ -217,7 +217,7 @@ class Accounts:
                 async with self._pg.shard_lock(
                     [shard_of(credit.account_id)], exclusive=False
                 ) as conn:
-                    applied_now = await self._apply_credit(conn, credit)
+                    applied_now = await self.apply_recorded_credit(conn, credit)
             except FailedPrecondition:
                 continue
             settled += 1

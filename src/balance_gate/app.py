@@ -11,9 +11,12 @@ from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.flusher import UsageFlusher
 from balance_gate.gate import Gate
+from balance_gate.payments import SandboxGateway
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
 from balance_gate.settings import Settings
+from balance_gate.top_up_store import TopUpStore
+from balance_gate.topups import TopUps
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -50,6 +53,7 @@ class App:
     accounts: Accounts
     gate: Gate
     flusher: UsageFlusher
+    topups: TopUps
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -70,7 +74,8 @@ class App:
             claim_idle_ms=settings.flush_claim_idle_ms,
             stats_interval_ms=settings.stats_interval_ms,
         )
-        return cls(settings, client, pool, hot, pg, accounts, gate, flusher)
+        topups = TopUps(TopUpStore(pool, pg), pg, hot, accounts, SandboxGateway(pool))
+        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups)
 
     async def close(self) -> None:
         # We built the pool, so closing the client must close it too.

@@ -7,6 +7,7 @@ anything unexpected -> INTERNAL (logged). Nothing surfaces as UNKNOWN.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from balance_gate import errors, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.gate import Gate
+from balance_gate.payments import mask
+from balance_gate.top_up_store import AutoTopUpRow, InvoiceRow, TopUpRow
+from balance_gate.topups import TopUps
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,9 +117,65 @@ _STATUS_NAMES = {
 _STATUS_ENUMS = {name: value for value, name in _STATUS_NAMES.items()}
 
 
+def _timestamp(moment: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _auto_top_up(row: AutoTopUpRow | None) -> admin_pb2.AutoTopUp | None:
+    if row is None:
+        return None
+    return admin_pb2.AutoTopUp(
+        enabled=row.enabled,
+        threshold_micros=row.threshold_micros,
+        amount_micros=row.amount_micros,
+        daily_cap_micros=row.daily_cap_micros,
+        monthly_cap_micros=row.monthly_cap_micros or 0,
+        paused=row.paused,
+        consecutive_failures=row.consecutive_failures,
+        last_decline_reason=row.last_decline_reason or "",
+        last_stop_reason=row.last_stop_reason or "",
+    )
+
+
+_TOP_UP_STATUS = {
+    "pending": admin_pb2.TOP_UP_STATUS_PENDING,
+    "succeeded": admin_pb2.TOP_UP_STATUS_SUCCEEDED,
+    "failed": admin_pb2.TOP_UP_STATUS_FAILED,
+}
+
+
+def _top_up(row: TopUpRow) -> admin_pb2.TopUpRecord:
+    return admin_pb2.TopUpRecord(
+        top_up_id=row.top_up_id,
+        account_id=row.account_id,
+        kind=row.kind,
+        status=_TOP_UP_STATUS[row.status],
+        amount_micros=row.amount_micros,
+        currency=row.currency,
+        credited_micros=row.credited_micros,
+        payment_method=mask(row.payment_method),
+        decline_reason=row.decline_reason or "",
+        created_at=_timestamp(row.created_at),
+        invoice_number=row.invoice_number or 0,
+    )
+
+
+def _invoice(row: InvoiceRow) -> admin_pb2.Invoice:
+    return admin_pb2.Invoice(
+        invoice_number=row.invoice_number,
+        account_id=row.account_id,
+        top_up_id=row.top_up_id,
+        line=row.line,
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        issued_at=_timestamp(row.issued_at),
+    )
+
+
 def _account(view: AccountView) -> admin_pb2.Account:
-    created_at = Timestamp()
-    created_at.FromDatetime(view.created_at)
+    created_at = _timestamp(view.created_at)
     return admin_pb2.Account(
         account_id=view.account_id,
         currency=view.currency,
@@ -129,27 +189,40 @@ def _account(view: AccountView) -> admin_pb2.Account:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, topups: TopUps) -> None:
         self._accounts = accounts
+        self._topups = topups
+
+    async def _full_account(self, view: AccountView) -> admin_pb2.Account:
+        account = _account(view)
+        billing = await self._topups.billing(view.account_id)
+        auto = _auto_top_up(await self._topups.auto_top_up(view.account_id))
+        if auto is not None:
+            account.auto_top_up.CopyFrom(auto)
+        account.primary_payment_method = mask(billing.primary_payment_method or "")
+        account.backup_payment_method = mask(billing.backup_payment_method or "")
+        return account
 
     @rpc
     async def CreateAccount(
         self, request: admin_pb2.CreateAccountRequest, context: Context
     ) -> admin_pb2.Account:
-        return _account(await self._accounts.create(request.account_id, request.currency))
+        return await self._full_account(
+            await self._accounts.create(request.account_id, request.currency)
+        )
 
     @rpc
     async def GetAccount(
         self, request: admin_pb2.GetAccountRequest, context: Context
     ) -> admin_pb2.Account:
-        return _account(await self._accounts.get(request.account_id))
+        return await self._full_account(await self._accounts.get(request.account_id))
 
     @rpc
     async def Credit(self, request: admin_pb2.CreditRequest, context: Context) -> admin_pb2.Account:
         view = await self._accounts.credit(
             request.account_id, request.amount_micros, request.reason, request.idempotency_key
         )
-        return _account(view)
+        return await self._full_account(view)
 
     @rpc
     async def SetAccountStatus(
@@ -160,4 +233,56 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             raise errors.InvalidArgument(
                 "status", "must be ACCOUNT_STATUS_ACTIVE or ACCOUNT_STATUS_DISABLED"
             )
-        return _account(await self._accounts.set_status(request.account_id, status))
+        return await self._full_account(await self._accounts.set_status(request.account_id, status))
+
+    @rpc
+    async def SetPaymentMethods(
+        self, request: admin_pb2.SetPaymentMethodsRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._topups.set_payment_methods(request.account_id, request.primary, request.backup)
+        return await self._full_account(await self._accounts.get(request.account_id))
+
+    @rpc
+    async def SetAutoTopUp(
+        self, request: admin_pb2.SetAutoTopUpRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._topups.set_auto_top_up(
+            request.account_id,
+            request.enabled,
+            request.threshold_micros,
+            request.amount_micros,
+            request.daily_cap_micros,
+            request.monthly_cap_micros,
+        )
+        return await self._full_account(await self._accounts.get(request.account_id))
+
+    @rpc
+    async def ResumeAutoTopUp(
+        self, request: admin_pb2.ResumeAutoTopUpRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._topups.resume(request.account_id)
+        return await self._full_account(await self._accounts.get(request.account_id))
+
+    @rpc
+    async def TopUp(
+        self, request: admin_pb2.TopUpRequest, context: Context
+    ) -> admin_pb2.TopUpRecord:
+        return _top_up(
+            await self._topups.manual(
+                request.account_id, request.amount_micros, request.idempotency_key
+            )
+        )
+
+    @rpc
+    async def ListTopUps(
+        self, request: admin_pb2.ListTopUpsRequest, context: Context
+    ) -> admin_pb2.ListTopUpsResponse:
+        rows = await self._topups.list_top_ups(request.account_id)
+        return admin_pb2.ListTopUpsResponse(top_ups=[_top_up(r) for r in rows])
+
+    @rpc
+    async def ListInvoices(
+        self, request: admin_pb2.ListInvoicesRequest, context: Context
+    ) -> admin_pb2.ListInvoicesResponse:
+        rows = await self._topups.list_invoices(request.account_id)
+        return admin_pb2.ListInvoicesResponse(invoices=[_invoice(r) for r in rows])

@@ -185,6 +185,7 @@ class PostgresStore:
         reason: str,
         idempotency_key: str,
         max_balance_micros: int,
+        kind: str = "adjustment",
     ) -> CreditRow:
         """Insert the credit and add it to the running total, once per key.
 
@@ -220,11 +221,12 @@ class PostgresStore:
                 )
             credit_id = await conn.fetchval(
                 """INSERT INTO credits (account_id, amount_micros, kind, reason, idempotency_key)
-                   VALUES ($1, $2, 'adjustment', $3, $4) RETURNING credit_id""",
+                   VALUES ($1, $2, $5, $3, $4) RETURNING credit_id""",
                 account_id,
                 amount_micros,
                 reason,
                 idempotency_key,
+                kind,
             )
             await conn.execute(
                 """UPDATE accounts SET credited_micros = credited_micros + $2, updated_at = now()

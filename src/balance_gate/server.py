@@ -79,7 +79,9 @@ class Sidecar:
         )
         self._admin, self._admin_health = _listener(
             ADMIN_SERVICE,
-            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(app.accounts), s),
+            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
+                AdminServicer(app.accounts, app.topups), s
+            ),
         )
         self._gate_port = self._gate.add_insecure_port(settings.gate_listen)
         self._admin_port = self._admin.add_insecure_port(settings.admin_listen)

@@ -25,25 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61lance_gate/v1/admin.proto\x12\x0f\x62\x61lance_gate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.balance_gate.v1.AccountStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63redited_micros\x18\x06 \x01(\x03\x12\x13\n\x0bused_micros\x18\x07 \x01(\x03\x12\x1e\n\x16unflushed_usage_micros\x18\x08 \x01(\x03\"<\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"c\n\rCreditRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"]\n\x17SetAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.balance_gate.v1.AccountStatus*g\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17\x41\x43\x43OUNT_STATUS_DISABLED\x10\x02\x32\xc1\x02\n\x05\x41\x64min\x12P\n\rCreateAccount\x12%.balance_gate.v1.CreateAccountRequest\x1a\x18.balance_gate.v1.Account\x12J\n\nGetAccount\x12\".balance_gate.v1.GetAccountRequest\x1a\x18.balance_gate.v1.Account\x12\x42\n\x06\x43redit\x12\x1e.balance_gate.v1.CreditRequest\x1a\x18.balance_gate.v1.Account\x12V\n\x10SetAccountStatus\x12(.balance_gate.v1.SetAccountStatusRequest\x1a\x18.balance_gate.v1.Accountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x62\x61lance_gate/v1/admin.proto\x12\x0f\x62\x61lance_gate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x02\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.balance_gate.v1.AccountStatus\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63redited_micros\x18\x06 \x01(\x03\x12\x13\n\x0bused_micros\x18\x07 \x01(\x03\x12\x1e\n\x16unflushed_usage_micros\x18\x08 \x01(\x03\x12/\n\x0b\x61uto_top_up\x18\t \x01(\x0b\x32\x1a.balance_gate.v1.AutoTopUp\x12\x1e\n\x16primary_payment_method\x18\n \x01(\t\x12\x1d\n\x15\x62\x61\x63kup_payment_method\x18\x0b \x01(\t\"\xc4\x02\n\tAutoTopUp\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x18\n\x10threshold_micros\x18\x02 \x01(\x03\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x18\n\x10\x64\x61ily_cap_micros\x18\x04 \x01(\x03\x12\x1a\n\x12monthly_cap_micros\x18\x05 \x01(\x03\x12\x0e\n\x06paused\x18\x06 \x01(\x08\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\x05\x12\x1b\n\x13last_decline_reason\x18\x08 \x01(\t\x12\x1c\n\x14\x63harged_today_micros\x18\t \x01(\x03\x12!\n\x19\x63harged_this_month_micros\x18\n \x01(\x03\x12\x19\n\x11\x64\x61ily_cap_reached\x18\x0b \x01(\x08\x12\x18\n\x10last_stop_reason\x18\x0c \x01(\t\"<\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08\x63urrency\x18\x02 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"c\n\rCreditRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"]\n\x17SetAccountStatusRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.balance_gate.v1.AccountStatus\"O\n\x18SetPaymentMethodsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07primary\x18\x02 \x01(\t\x12\x0e\n\x06\x62\x61\x63kup\x18\x03 \x01(\t\"\xa1\x01\n\x13SetAutoTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x18\n\x10threshold_micros\x18\x03 \x01(\x03\x12\x15\n\ramount_micros\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x61ily_cap_micros\x18\x05 \x01(\x03\x12\x1a\n\x12monthly_cap_micros\x18\x06 \x01(\x03\",\n\x16ResumeAutoTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"R\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\xaa\x02\n\x0bTopUpRecord\x12\x11\n\ttop_up_id\x18\x01 \x01(\x03\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.balance_gate.v1.TopUpStatus\x12\x15\n\ramount_micros\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12\x17\n\x0f\x63redited_micros\x18\x07 \x01(\x03\x12\x16\n\x0epayment_method\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x65\x63line_reason\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0einvoice_number\x18\x0b \x01(\x03\"\'\n\x11ListTopUpsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"C\n\x12ListTopUpsResponse\x12-\n\x07top_ups\x18\x01 \x03(\x0b\x32\x1c.balance_gate.v1.TopUpRecord\"\xad\x01\n\x07Invoice\x12\x16\n\x0einvoice_number\x18\x01 \x01(\x03\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x11\n\ttop_up_id\x18\x03 \x01(\x03\x12\x0c\n\x04line\x18\x04 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x06 \x01(\t\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13ListInvoicesRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"B\n\x14ListInvoicesResponse\x12*\n\x08invoices\x18\x01 \x03(\x0b\x32\x18.balance_gate.v1.Invoice*g\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17\x41\x43\x43OUNT_STATUS_DISABLED\x10\x02*~\n\x0bTopUpStatus\x12\x1d\n\x19TOP_UP_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15TOP_UP_STATUS_PENDING\x10\x01\x12\x1b\n\x17TOP_UP_STATUS_SUCCEEDED\x10\x02\x12\x18\n\x14TOP_UP_STATUS_FAILED\x10\x03\x32\xbb\x06\n\x05\x41\x64min\x12P\n\rCreateAccount\x12%.balance_gate.v1.CreateAccountRequest\x1a\x18.balance_gate.v1.Account\x12J\n\nGetAccount\x12\".balance_gate.v1.GetAccountRequest\x1a\x18.balance_gate.v1.Account\x12\x42\n\x06\x43redit\x12\x1e.balance_gate.v1.CreditRequest\x1a\x18.balance_gate.v1.Account\x12V\n\x10SetAccountStatus\x12(.balance_gate.v1.SetAccountStatusRequest\x1a\x18.balance_gate.v1.Account\x12X\n\x11SetPaymentMethods\x12).balance_gate.v1.SetPaymentMethodsRequest\x1a\x18.balance_gate.v1.Account\x12N\n\x0cSetAutoTopUp\x12$.balance_gate.v1.SetAutoTopUpRequest\x1a\x18.balance_gate.v1.Account\x12T\n\x0fResumeAutoTopUp\x12\'.balance_gate.v1.ResumeAutoTopUpRequest\x1a\x18.balance_gate.v1.Account\x12\x44\n\x05TopUp\x12\x1d.balance_gate.v1.TopUpRequest\x1a\x1c.balance_gate.v1.TopUpRecord\x12U\n\nListTopUps\x12\".balance_gate.v1.ListTopUpsRequest\x1a#.balance_gate.v1.ListTopUpsResponse\x12[\n\x0cListInvoices\x12$.balance_gate.v1.ListInvoicesRequest\x1a%.balance_gate.v1.ListInvoicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'balance_gate.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCOUNTSTATUS']._serialized_start=628
-  _globals['_ACCOUNTSTATUS']._serialized_end=731
+  _globals['_ACCOUNTSTATUS']._serialized_start=2140
+  _globals['_ACCOUNTSTATUS']._serialized_end=2243
+  _globals['_TOPUPSTATUS']._serialized_start=2245
+  _globals['_TOPUPSTATUS']._serialized_end=2371
   _globals['_ACCOUNT']._serialized_start=82
-  _globals['_ACCOUNT']._serialized_end=327
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=329
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=389
-  _globals['_GETACCOUNTREQUEST']._serialized_start=391
-  _globals['_GETACCOUNTREQUEST']._serialized_end=430
-  _globals['_CREDITREQUEST']._serialized_start=432
-  _globals['_CREDITREQUEST']._serialized_end=531
-  _globals['_SETACCOUNTSTATUSREQUEST']._serialized_start=533
-  _globals['_SETACCOUNTSTATUSREQUEST']._serialized_end=626
-  _globals['_ADMIN']._serialized_start=734
-  _globals['_ADMIN']._serialized_end=1055
+  _globals['_ACCOUNT']._serialized_end=439
+  _globals['_AUTOTOPUP']._serialized_start=442
+  _globals['_AUTOTOPUP']._serialized_end=766
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=768
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=828
+  _globals['_GETACCOUNTREQUEST']._serialized_start=830
+  _globals['_GETACCOUNTREQUEST']._serialized_end=869
+  _globals['_CREDITREQUEST']._serialized_start=871
+  _globals['_CREDITREQUEST']._serialized_end=970
+  _globals['_SETACCOUNTSTATUSREQUEST']._serialized_start=972
+  _globals['_SETACCOUNTSTATUSREQUEST']._serialized_end=1065
+  _globals['_SETPAYMENTMETHODSREQUEST']._serialized_start=1067
+  _globals['_SETPAYMENTMETHODSREQUEST']._serialized_end=1146
+  _globals['_SETAUTOTOPUPREQUEST']._serialized_start=1149
+  _globals['_SETAUTOTOPUPREQUEST']._serialized_end=1310
+  _globals['_RESUMEAUTOTOPUPREQUEST']._serialized_start=1312
+  _globals['_RESUMEAUTOTOPUPREQUEST']._serialized_end=1356
+  _globals['_TOPUPREQUEST']._serialized_start=1358
+  _globals['_TOPUPREQUEST']._serialized_end=1440
+  _globals['_TOPUPRECORD']._serialized_start=1443
+  _globals['_TOPUPRECORD']._serialized_end=1741
+  _globals['_LISTTOPUPSREQUEST']._serialized_start=1743
+  _globals['_LISTTOPUPSREQUEST']._serialized_end=1782
+  _globals['_LISTTOPUPSRESPONSE']._serialized_start=1784
+  _globals['_LISTTOPUPSRESPONSE']._serialized_end=1851
+  _globals['_INVOICE']._serialized_start=1854
+  _globals['_INVOICE']._serialized_end=2027
+  _globals['_LISTINVOICESREQUEST']._serialized_start=2029
+  _globals['_LISTINVOICESREQUEST']._serialized_end=2070
+  _globals['_LISTINVOICESRESPONSE']._serialized_start=2072
+  _globals['_LISTINVOICESRESPONSE']._serialized_end=2138
+  _globals['_ADMIN']._serialized_start=2374
+  _globals['_ADMIN']._serialized_end=3201
 # @@protoc_insertion_point(module_scope)

@@ -5,9 +5,11 @@ The operators' port (a separate listener from the proxies' port).
 Balances are int64 micro-USD (P1: every balance is in USD; 1 USD = 1,000,000).
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -37,6 +39,25 @@ ACCOUNT_STATUS_ACTIVE: AccountStatus.ValueType  # 1
 ACCOUNT_STATUS_DISABLED: AccountStatus.ValueType  # 2
 Global___AccountStatus: _TypeAlias = AccountStatus  # noqa: Y015
 
+class _TopUpStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TopUpStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TopUpStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOP_UP_STATUS_UNSPECIFIED: _TopUpStatus.ValueType  # 0
+    TOP_UP_STATUS_PENDING: _TopUpStatus.ValueType  # 1
+    TOP_UP_STATUS_SUCCEEDED: _TopUpStatus.ValueType  # 2
+    TOP_UP_STATUS_FAILED: _TopUpStatus.ValueType  # 3
+
+class TopUpStatus(_TopUpStatus, metaclass=_TopUpStatusEnumTypeWrapper): ...
+
+TOP_UP_STATUS_UNSPECIFIED: TopUpStatus.ValueType  # 0
+TOP_UP_STATUS_PENDING: TopUpStatus.ValueType  # 1
+TOP_UP_STATUS_SUCCEEDED: TopUpStatus.ValueType  # 2
+TOP_UP_STATUS_FAILED: TopUpStatus.ValueType  # 3
+Global___TopUpStatus: _TypeAlias = TopUpStatus  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -49,6 +70,9 @@ class Account(_message.Message):
     CREDITED_MICROS_FIELD_NUMBER: _builtins.int
     USED_MICROS_FIELD_NUMBER: _builtins.int
     UNFLUSHED_USAGE_MICROS_FIELD_NUMBER: _builtins.int
+    AUTO_TOP_UP_FIELD_NUMBER: _builtins.int
+    PRIMARY_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    BACKUP_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     currency: _builtins.str
     """The account's default currency (ISO 4217): it prices top-ups and
@@ -63,8 +87,12 @@ class Account(_message.Message):
     """Usage recorded in Postgres."""
     unflushed_usage_micros: _builtins.int
     """Usage debited in Redis and not yet recorded in Postgres."""
+    primary_payment_method: _builtins.str
+    backup_payment_method: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def auto_top_up(self) -> Global___AutoTopUp: ...
     def __init__(
         self,
         *,
@@ -76,14 +104,77 @@ class Account(_message.Message):
         credited_micros: _builtins.int = ...,
         used_micros: _builtins.int = ...,
         unflushed_usage_micros: _builtins.int = ...,
+        auto_top_up: Global___AutoTopUp | None = ...,
+        primary_payment_method: _builtins.str = ...,
+        backup_payment_method: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "balance_micros", b"balance_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "status", b"status", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_top_up", b"auto_top_up", "backup_payment_method", b"backup_payment_method", "balance_micros", b"balance_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "primary_payment_method", b"primary_payment_method", "status", b"status", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class AutoTopUp(_message.Message):
+    """Auto top-up settings and state. Amounts are micro-units of the account's
+    default currency.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    MONTHLY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    LAST_DECLINE_REASON_FIELD_NUMBER: _builtins.int
+    CHARGED_TODAY_MICROS_FIELD_NUMBER: _builtins.int
+    CHARGED_THIS_MONTH_MICROS_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_REACHED_FIELD_NUMBER: _builtins.int
+    LAST_STOP_REASON_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    threshold_micros: _builtins.int
+    amount_micros: _builtins.int
+    daily_cap_micros: _builtins.int
+    monthly_cap_micros: _builtins.int
+    """0: no monthly cap."""
+    paused: _builtins.bool
+    consecutive_failures: _builtins.int
+    last_decline_reason: _builtins.str
+    charged_today_micros: _builtins.int
+    charged_this_month_micros: _builtins.int
+    daily_cap_reached: _builtins.bool
+    last_stop_reason: _builtins.str
+    """Why the last trigger charged nothing (daily_cap, monthly_cap, paused,
+    disabled, pending_covers, retry_wait, no_payment_method), or "".
+    """
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        threshold_micros: _builtins.int = ...,
+        amount_micros: _builtins.int = ...,
+        daily_cap_micros: _builtins.int = ...,
+        monthly_cap_micros: _builtins.int = ...,
+        paused: _builtins.bool = ...,
+        consecutive_failures: _builtins.int = ...,
+        last_decline_reason: _builtins.str = ...,
+        charged_today_micros: _builtins.int = ...,
+        charged_this_month_micros: _builtins.int = ...,
+        daily_cap_reached: _builtins.bool = ...,
+        last_stop_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "charged_this_month_micros", b"charged_this_month_micros", "charged_today_micros", b"charged_today_micros", "consecutive_failures", b"consecutive_failures", "daily_cap_micros", b"daily_cap_micros", "daily_cap_reached", b"daily_cap_reached", "enabled", b"enabled", "last_decline_reason", b"last_decline_reason", "last_stop_reason", b"last_stop_reason", "monthly_cap_micros", b"monthly_cap_micros", "paused", b"paused", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoTopUp: _TypeAlias = AutoTopUp  # noqa: Y015
 
 @_typing.final
 class CreateAccountRequest(_message.Message):
@@ -179,3 +270,285 @@ class SetAccountStatusRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAccountStatusRequest: _TypeAlias = SetAccountStatusRequest  # noqa: Y015
+
+@_typing.final
+class SetPaymentMethodsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PRIMARY_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    primary: _builtins.str
+    backup: _builtins.str
+    """Optional: tried after the primary failed 3 times in a row (P12)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        primary: _builtins.str = ...,
+        backup: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "backup", b"backup", "primary", b"primary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPaymentMethodsRequest: _TypeAlias = SetPaymentMethodsRequest  # noqa: Y015
+
+@_typing.final
+class SetAutoTopUpRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_MICROS_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    MONTHLY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    enabled: _builtins.bool
+    threshold_micros: _builtins.int
+    """Below this balance a top-up is triggered."""
+    amount_micros: _builtins.int
+    """Charged per top-up; must lift a balance at the threshold above it."""
+    daily_cap_micros: _builtins.int
+    """Required when enabled (P5); at least one top-up amount."""
+    monthly_cap_micros: _builtins.int
+    """0: none (O1); otherwise at least one top-up amount."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        threshold_micros: _builtins.int = ...,
+        amount_micros: _builtins.int = ...,
+        daily_cap_micros: _builtins.int = ...,
+        monthly_cap_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "daily_cap_micros", b"daily_cap_micros", "enabled", b"enabled", "monthly_cap_micros", b"monthly_cap_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAutoTopUpRequest: _TypeAlias = SetAutoTopUpRequest  # noqa: Y015
+
+@_typing.final
+class ResumeAutoTopUpRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeAutoTopUpRequest: _TypeAlias = ResumeAutoTopUpRequest  # noqa: Y015
+
+@_typing.final
+class TopUpRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    amount_micros: _builtins.int
+    """Micro-units of the account's default currency."""
+    idempotency_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopUpRequest: _TypeAlias = TopUpRequest  # noqa: Y015
+
+@_typing.final
+class TopUpRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_UP_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    CREDITED_MICROS_FIELD_NUMBER: _builtins.int
+    PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    DECLINE_REASON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    top_up_id: _builtins.int
+    account_id: _builtins.str
+    kind: _builtins.str
+    """"auto" or "manual"."""
+    status: Global___TopUpStatus.ValueType
+    amount_micros: _builtins.int
+    """In the account's default currency."""
+    currency: _builtins.str
+    credited_micros: _builtins.int
+    """Micro-USD added to the balance (0 unless succeeded)."""
+    payment_method: _builtins.str
+    """Masked: only the token's last characters."""
+    decline_reason: _builtins.str
+    invoice_number: _builtins.int
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        top_up_id: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        status: Global___TopUpStatus.ValueType = ...,
+        amount_micros: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        credited_micros: _builtins.int = ...,
+        payment_method: _builtins.str = ...,
+        decline_reason: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        invoice_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "decline_reason", b"decline_reason", "invoice_number", b"invoice_number", "kind", b"kind", "payment_method", b"payment_method", "status", b"status", "top_up_id", b"top_up_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopUpRecord: _TypeAlias = TopUpRecord  # noqa: Y015
+
+@_typing.final
+class ListTopUpsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopUpsRequest: _TypeAlias = ListTopUpsRequest  # noqa: Y015
+
+@_typing.final
+class ListTopUpsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_UPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def top_ups(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopUpRecord]: ...
+    def __init__(
+        self,
+        *,
+        top_ups: _abc.Iterable[Global___TopUpRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top_ups", b"top_ups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopUpsResponse: _TypeAlias = ListTopUpsResponse  # noqa: Y015
+
+@_typing.final
+class Invoice(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TOP_UP_ID_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    invoice_number: _builtins.int
+    """Numbered without gaps across all accounts."""
+    account_id: _builtins.str
+    top_up_id: _builtins.int
+    line: _builtins.str
+    """The single line (P4), e.g. "Top-up — auto, threshold $50    $200.00"."""
+    amount_minor: _builtins.int
+    """In the currency's minor units (cents for USD)."""
+    currency: _builtins.str
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        invoice_number: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        top_up_id: _builtins.int = ...,
+        line: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        currency: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_minor", b"amount_minor", "currency", b"currency", "invoice_number", b"invoice_number", "issued_at", b"issued_at", "line", b"line", "top_up_id", b"top_up_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Invoice: _TypeAlias = Invoice  # noqa: Y015
+
+@_typing.final
+class ListInvoicesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoicesRequest: _TypeAlias = ListInvoicesRequest  # noqa: Y015
+
+@_typing.final
+class ListInvoicesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invoices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Invoice]: ...
+    def __init__(
+        self,
+        *,
+        invoices: _abc.Iterable[Global___Invoice] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoices", b"invoices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListInvoicesResponse: _TypeAlias = ListInvoicesResponse  # noqa: Y015

@@ -54,6 +54,36 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SetPaymentMethods = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetPaymentMethods',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
+        self.SetAutoTopUp = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetAutoTopUp',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetAutoTopUpRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
+        self.ResumeAutoTopUp = channel.unary_unary(
+                '/balance_gate.v1.Admin/ResumeAutoTopUp',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.ResumeAutoTopUpRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
+        self.TopUp = channel.unary_unary(
+                '/balance_gate.v1.Admin/TopUp',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.FromString,
+                _registered_method=True)
+        self.ListTopUps = channel.unary_unary(
+                '/balance_gate.v1.Admin/ListTopUps',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsResponse.FromString,
+                _registered_method=True)
+        self.ListInvoices = channel.unary_unary(
+                '/balance_gate.v1.Admin/ListInvoices',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -86,6 +116,48 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPaymentMethods(self, request, context):
+        """Payment-method tokens (never card numbers); backup is optional. A card's
+        currency is what the gateway reports for its token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAutoTopUp(self, request, context):
+        """Auto top-up (P3, P5, O1): a daily cap is required to enable it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeAutoTopUp(self, request, context):
+        """Re-enable auto top-up after a pause (P11); clears the failure count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TopUp(self, request, context):
+        """A manual top-up charged to the default card: same invoice and ledger
+        path as the automatic one. Idempotent on (account_id, idempotency_key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopUps(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvoices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +180,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetAccountStatus,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetPaymentMethods': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPaymentMethods,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetAutoTopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAutoTopUp,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetAutoTopUpRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'ResumeAutoTopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeAutoTopUp,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ResumeAutoTopUpRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'TopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.TopUp,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.SerializeToString,
+            ),
+            'ListTopUps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopUps,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsResponse.SerializeToString,
+            ),
+            'ListInvoices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvoices,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +320,168 @@ class Admin:
             '/balance_gate.v1.Admin/SetAccountStatus',
             balance__gate_dot_v1_dot_admin__pb2.SetAccountStatusRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPaymentMethods(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetPaymentMethods',
+            balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAutoTopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetAutoTopUp',
+            balance__gate_dot_v1_dot_admin__pb2.SetAutoTopUpRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeAutoTopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/ResumeAutoTopUp',
+            balance__gate_dot_v1_dot_admin__pb2.ResumeAutoTopUpRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/TopUp',
+            balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopUps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/ListTopUps',
+            balance__gate_dot_v1_dot_admin__pb2.ListTopUpsRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.ListTopUpsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvoices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/ListInvoices',
+            balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

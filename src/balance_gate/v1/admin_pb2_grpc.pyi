@@ -41,6 +41,20 @@ class AdminStub:
     idempotent on (account_id, idempotency_key).
     """
     SetAccountStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]
+    SetPaymentMethods: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPaymentMethodsRequest, _admin_pb2.Account]
+    """Payment-method tokens (never card numbers); backup is optional. A card's
+    currency is what the gateway reports for its token.
+    """
+    SetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]
+    """Auto top-up (P3, P5, O1): a daily cap is required to enable it."""
+    ResumeAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeAutoTopUpRequest, _admin_pb2.Account]
+    """Re-enable auto top-up after a pause (P11); clears the failure count."""
+    TopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.TopUpRequest, _admin_pb2.TopUpRecord]
+    """A manual top-up charged to the default card: same invoice and ledger
+    path as the automatic one. Idempotent on (account_id, idempotency_key).
+    """
+    ListTopUps: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]
+    ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -53,6 +67,20 @@ class AdminAsyncStub(AdminStub):
     idempotent on (account_id, idempotency_key).
     """
     SetAccountStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStatusRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    SetPaymentMethods: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPaymentMethodsRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Payment-method tokens (never card numbers); backup is optional. A card's
+    currency is what the gateway reports for its token.
+    """
+    SetAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Auto top-up (P3, P5, O1): a daily cap is required to enable it."""
+    ResumeAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Re-enable auto top-up after a pause (P11); clears the failure count."""
+    TopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.TopUpRequest, _admin_pb2.TopUpRecord]  # type: ignore[assignment]
+    """A manual top-up charged to the default card: same invoice and ledger
+    path as the automatic one. Idempotent on (account_id, idempotency_key).
+    """
+    ListTopUps: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]  # type: ignore[assignment]
+    ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -86,5 +114,55 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetAccountStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPaymentMethods(
+        self,
+        request: _admin_pb2.SetPaymentMethodsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Payment-method tokens (never card numbers); backup is optional. A card's
+        currency is what the gateway reports for its token.
+        """
+
+    @_abc_1.abstractmethod
+    def SetAutoTopUp(
+        self,
+        request: _admin_pb2.SetAutoTopUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Auto top-up (P3, P5, O1): a daily cap is required to enable it."""
+
+    @_abc_1.abstractmethod
+    def ResumeAutoTopUp(
+        self,
+        request: _admin_pb2.ResumeAutoTopUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Re-enable auto top-up after a pause (P11); clears the failure count."""
+
+    @_abc_1.abstractmethod
+    def TopUp(
+        self,
+        request: _admin_pb2.TopUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.TopUpRecord, _abc.Awaitable[_admin_pb2.TopUpRecord]]:
+        """A manual top-up charged to the default card: same invoice and ledger
+        path as the automatic one. Idempotent on (account_id, idempotency_key).
+        """
+
+    @_abc_1.abstractmethod
+    def ListTopUps(
+        self,
+        request: _admin_pb2.ListTopUpsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTopUpsResponse, _abc.Awaitable[_admin_pb2.ListTopUpsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListInvoices(
+        self,
+        request: _admin_pb2.ListInvoicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListInvoicesResponse, _abc.Awaitable[_admin_pb2.ListInvoicesResponse]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

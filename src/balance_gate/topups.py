@@ -1,0 +1,207 @@
+"""Top-ups (P3..P5, O1, O3): configuration, manual top-ups, and charging a card.
+
+A top-up is a row before it is a charge: the row (with its idempotency key)
+is committed first, then the gateway is charged with a key derived from the
+row, then the outcome is recorded; on success the credit, the invoice and the
+status change commit together and the credit reaches Redis exactly once. A
+crash anywhere leaves a pending row that is resolved by charging again with the
+same key, which the gateway answers with the first outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from zoneinfo import ZoneInfo
+
+from balance_gate import money, validation
+from balance_gate.accounts import Accounts
+from balance_gate.constants import MAX_CREDIT_MICROS
+from balance_gate.errors import FailedPrecondition, InvalidArgument, Unavailable
+from balance_gate.keys import shard_of
+from balance_gate.payments import GatewayUnavailable, PaymentGateway, mask
+from balance_gate.postgres_store import PostgresStore
+from balance_gate.redis_store import RedisStore
+from balance_gate.top_up_store import AutoTopUpRow, Billing, InvoiceRow, TopUpRow, TopUpStore
+
+log = logging.getLogger(__name__)
+
+# Until daily FX rates exist, a top-up that would need one fails clearly (P6).
+FX_RATE_MISSING = "fx_rate_missing"
+
+
+def local_day(time_zone: str, now: dt.datetime | None = None) -> dt.date:
+    moment = now or dt.datetime.now(dt.UTC)
+    return moment.astimezone(ZoneInfo(time_zone)).date()
+
+
+class TopUps:
+    def __init__(
+        self,
+        store: TopUpStore,
+        pg: PostgresStore,
+        hot: RedisStore,
+        accounts: Accounts,
+        gateway: PaymentGateway,
+    ) -> None:
+        self._store = store
+        self._pg = pg
+        self._hot = hot
+        self._accounts = accounts
+        self._gateway = gateway
+
+    # --- configuration ------------------------------------------------------
+
+    async def set_payment_methods(self, account_id: str, primary: str, backup: str) -> None:
+        validation.check_id("account_id", account_id)
+        validation.check_id("primary", primary)
+        if backup:
+            validation.check_id("backup", backup)
+        await self._store.set_payment_methods(account_id, primary, backup or None)
+
+    async def set_auto_top_up(
+        self,
+        account_id: str,
+        enabled: bool,
+        threshold_micros: int,
+        amount_micros: int,
+        daily_cap_micros: int,
+        monthly_cap_micros: int,
+    ) -> None:
+        validation.check_id("account_id", account_id)
+        billing = await self._store.billing(account_id)
+        _check_auto_top_up(
+            enabled, threshold_micros, amount_micros, daily_cap_micros, monthly_cap_micros
+        )
+        money.check_whole_minor_units("amount_micros", amount_micros, billing.currency)
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            await self._store.save_auto_top_up(
+                conn,
+                account_id,
+                enabled,
+                threshold_micros,
+                amount_micros,
+                daily_cap_micros,
+                monthly_cap_micros or None,
+            )
+
+    async def resume(self, account_id: str) -> None:
+        validation.check_id("account_id", account_id)
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            if not await self._store.resume(conn, account_id):
+                raise FailedPrecondition(f"account {account_id!r} has no auto top-up settings")
+
+    async def billing(self, account_id: str) -> Billing:
+        return await self._store.billing(account_id)
+
+    async def auto_top_up(self, account_id: str) -> AutoTopUpRow | None:
+        return await self._store.auto_top_up(account_id)
+
+    # --- manual top-ups -----------------------------------------------------
+
+    async def manual(self, account_id: str, amount_micros: int, idempotency_key: str) -> TopUpRow:
+        validation.check_id("account_id", account_id)
+        validation.check_id("idempotency_key", idempotency_key)
+        if not 0 < amount_micros <= MAX_CREDIT_MICROS:
+            raise InvalidArgument("amount_micros", f"must be between 1 and {MAX_CREDIT_MICROS}")
+        billing = await self._store.billing(account_id)
+        money.check_whole_minor_units("amount_micros", amount_micros, billing.currency)
+        if billing.primary_payment_method is None:
+            raise FailedPrecondition(f"account {account_id!r} has no payment method")
+        top_up = await self._store.create_top_up(
+            account_id,
+            "manual",
+            idempotency_key,
+            amount_micros,
+            billing.currency,
+            billing.primary_payment_method,
+            None,
+            local_day(billing.time_zone),
+        )
+        if top_up.status != "pending":
+            return top_up  # a replay of a finished top-up
+        return await self.charge(top_up)
+
+    # --- charging -----------------------------------------------------------
+
+    async def charge(self, top_up: TopUpRow) -> TopUpRow:
+        """Charge a pending top-up's card and record the outcome (idempotent)."""
+        card_currency = await self._gateway.card_currency(top_up.payment_method)
+        if top_up.currency != "USD" or card_currency != top_up.currency:
+            await self._store.fail(top_up.top_up_id, FX_RATE_MISSING)
+            return await self._store.get(top_up.top_up_id)
+        amount_minor = money.to_minor(top_up.amount_micros, top_up.currency)
+        try:
+            charge = await self._gateway.charge(
+                top_up.payment_method, amount_minor, card_currency, top_up.gateway_key
+            )
+        except GatewayUnavailable as exc:
+            log.warning("top-up %d: gateway unavailable (%s)", top_up.top_up_id, exc)
+            raise Unavailable(
+                "the payment gateway did not answer; the top-up stays pending and is retried"
+                " with the same idempotency key"
+            ) from exc
+        if not charge.succeeded:
+            log.info(
+                "top-up %d declined (%s) on %s",
+                top_up.top_up_id,
+                charge.decline_code,
+                mask(top_up.payment_method),
+            )
+            await self._store.fail(top_up.top_up_id, charge.decline_code or "declined")
+            return await self._store.get(top_up.top_up_id)
+        description = _description(top_up)
+        line = money.invoice_line(description, amount_minor, top_up.currency)
+        async with self._pg.shard_lock([shard_of(top_up.account_id)], exclusive=False) as conn:
+            credit = await self._store.succeed(
+                conn,
+                top_up,
+                charge.charge_id,
+                top_up.amount_micros,
+                description,
+                line,
+                amount_minor,
+            )
+            await self._accounts.apply_recorded_credit(conn, credit)
+        return await self._store.get(top_up.top_up_id)
+
+    async def list_top_ups(self, account_id: str) -> list[TopUpRow]:
+        validation.check_id("account_id", account_id)
+        await self._store.billing(account_id)  # NOT_FOUND for an unknown account
+        return await self._store.list_top_ups(account_id)
+
+    async def list_invoices(self, account_id: str) -> list[InvoiceRow]:
+        validation.check_id("account_id", account_id)
+        await self._store.billing(account_id)
+        return await self._store.list_invoices(account_id)
+
+
+def _description(top_up: TopUpRow) -> str:
+    if top_up.kind == "manual":
+        return "Top-up — manual"
+    assert top_up.threshold_micros is not None
+    threshold = money.format_micros(top_up.threshold_micros, top_up.currency, drop_zero_cents=True)
+    return f"Top-up — auto, threshold {threshold}"
+
+
+def _check_auto_top_up(
+    enabled: bool,
+    threshold_micros: int,
+    amount_micros: int,
+    daily_cap_micros: int,
+    monthly_cap_micros: int,
+) -> None:
+    if threshold_micros < 0 or threshold_micros > MAX_CREDIT_MICROS:
+        raise InvalidArgument("threshold_micros", f"must be between 0 and {MAX_CREDIT_MICROS}")
+    if not 0 < amount_micros <= MAX_CREDIT_MICROS:
+        raise InvalidArgument("amount_micros", f"must be between 1 and {MAX_CREDIT_MICROS}")
+    if enabled and daily_cap_micros <= 0:
+        raise InvalidArgument("daily_cap_micros", "is required to enable auto top-up (P5)")
+    if daily_cap_micros and daily_cap_micros < amount_micros:
+        raise InvalidArgument("daily_cap_micros", "must be at least one top-up amount")
+    if monthly_cap_micros < 0 or (monthly_cap_micros and monthly_cap_micros < amount_micros):
+        raise InvalidArgument(
+            "monthly_cap_micros", "must be 0 (none) or at least one top-up amount"
+        )
+    if daily_cap_micros > MAX_CREDIT_MICROS or monthly_cap_micros > MAX_CREDIT_MICROS:
+        raise InvalidArgument("daily_cap_micros", f"caps must be at most {MAX_CREDIT_MICROS}")
