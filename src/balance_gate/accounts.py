@@ -106,6 +106,7 @@ class Accounts:
                 ledger_balance_micros=snapshot.ledger_balance_micros,
                 status=snapshot.status,
                 unapplied_credit_ids=snapshot.unapplied_credit_ids,
+                auto_top_up=snapshot.auto_top_up,
             )
         loaded = result.code != ScriptCode.ALREADY_LOADED
         metrics.ACCOUNT_LOADS.labels("loaded" if loaded else "already_loaded").inc()
@@ -127,6 +128,7 @@ class Accounts:
             ledger_balance_micros=snapshot.ledger_balance_micros,
             status=snapshot.status,
             unapplied_credit_ids=snapshot.unapplied_credit_ids,
+            auto_top_up=snapshot.auto_top_up,
         )
         return result.value
 

@@ -16,6 +16,7 @@ from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
 from balance_gate.settings import Settings
 from balance_gate.top_up_store import TopUpStore
+from balance_gate.top_up_worker import TopUpWorker
 from balance_gate.topups import TopUps
 
 
@@ -54,6 +55,7 @@ class App:
     gate: Gate
     flusher: UsageFlusher
     topups: TopUps
+    top_up_worker: TopUpWorker
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -62,7 +64,12 @@ class App:
             async with pool.acquire() as conn:
                 await migrations.migrate(conn)
         client = redis_client(settings)
-        hot = RedisStore(client, settings.redis_key_prefix, settings.request_ttl_seconds)
+        hot = RedisStore(
+            client,
+            settings.redis_key_prefix,
+            settings.request_ttl_seconds,
+            settings.top_up_trigger_ttl_ms // 1000,
+        )
         pg = PostgresStore(pool)
         accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
         gate = Gate(hot, accounts, settings.max_request_micros)
@@ -75,7 +82,13 @@ class App:
             stats_interval_ms=settings.stats_interval_ms,
         )
         topups = TopUps(TopUpStore(pool, pg), pg, hot, accounts, SandboxGateway(pool))
-        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups)
+        worker = TopUpWorker(
+            hot,
+            topups,
+            retry_interval_s=settings.top_up_retry_interval_ms / 1000,
+            concurrency=settings.top_up_concurrency,
+        )
+        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker)
 
     async def close(self) -> None:
         # We built the pool, so closing the client must close it too.

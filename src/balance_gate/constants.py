@@ -25,8 +25,9 @@ MAX_REASON_CHARS: Final = 500
 # renames every key: it is part of the data format.
 SHARD_COUNT: Final = 256
 
-# Redis consumer group of the usage flushers.
+# Redis consumer groups of the usage flushers and of the top-up workers.
 USAGE_GROUP: Final = "flushers"
+TOP_UP_GROUP: Final = "top-up-workers"
 
 # A credit's "applied to Redis" marker must outlive any retry of that credit.
 CREDIT_MARKER_TTL_SECONDS: Final = 30 * 86_400

@@ -196,8 +196,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def _full_account(self, view: AccountView) -> admin_pb2.Account:
         account = _account(view)
         billing = await self._topups.billing(view.account_id)
-        auto = _auto_top_up(await self._topups.auto_top_up(view.account_id))
-        if auto is not None:
+        settings = await self._topups.auto_top_up(view.account_id)
+        auto = _auto_top_up(settings)
+        if settings is not None and auto is not None:
+            charged = await self._topups.charged(view.account_id)
+            auto.charged_today_micros = charged.today_micros
+            auto.charged_this_month_micros = charged.month_micros
+            auto.daily_cap_reached = (
+                charged.today_micros + settings.amount_micros > settings.daily_cap_micros
+            )
             account.auto_top_up.CopyFrom(auto)
         account.primary_payment_method = mask(billing.primary_payment_method or "")
         account.backup_payment_method = mask(billing.backup_payment_method or "")

@@ -4,6 +4,8 @@
     <prefix>:{<shard>}:req:<len(account_id)>:<account_id>:<request_id>   request record
     <prefix>:{<shard>}:credit:<credit_id>                   credit applied marker
     <prefix>:{<shard>}:usage                                usage stream of the shard
+    <prefix>:{<shard>}:topup:<account_id>                   "top-up triggered" flag
+    <prefix>:{<shard>}:topups                               top-up trigger stream of the shard
 
 The length prefix in request keys keeps ("a:b", "c") and ("a", "b:c") apart:
 ids may contain ':' and a collision would replay another account's decision.
@@ -39,6 +41,15 @@ class Keys:
 
     def credit_marker(self, account_id: str, credit_id: int) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:credit:{credit_id}"
+
+    def top_up_flag(self, account_id: str) -> str:
+        return f"{self.prefix}:{{{shard_of(account_id)}}}:topup:{account_id}"
+
+    def top_up_stream(self, shard: int) -> str:
+        return f"{self.prefix}:{{{shard}}}:topups"
+
+    def all_top_up_streams(self) -> list[str]:
+        return [self.top_up_stream(shard) for shard in range(SHARD_COUNT)]
 
     def usage_stream(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:usage"

@@ -64,6 +64,17 @@ USAGE_FLUSH_LAG = Gauge(
     "balance_gate_usage_flush_lag_seconds",
     "Age of the oldest usage event not yet recorded in Postgres (0 when none).",
 )
+TOP_UPS = Counter(
+    "balance_gate_top_ups",
+    "Auto top-up triggers by result: succeeded, a decline reason, network_error, or why"
+    " nothing was charged (daily_cap, monthly_cap, paused, disabled, pending_covers, ...).",
+    ["result"],
+)
+TOP_UP_SECONDS = Histogram(
+    "balance_gate_top_up_duration_seconds",
+    "Time to handle one auto top-up trigger, charge included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 CREDITS_REAPPLIED = Counter(
     "balance_gate_credits_reapplied",
     "Credits found committed in Postgres but not confirmed in Redis, and applied by the sweeper.",

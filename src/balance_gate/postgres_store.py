@@ -43,6 +43,8 @@ class LoadSnapshot:
     ledger_balance_micros: int
     # Credits committed but not yet known to be in Redis (see sync_account.lua).
     unapplied_credit_ids: list[int]
+    # (armed, threshold): whether debits below the threshold raise a top-up trigger.
+    auto_top_up: tuple[bool, int] = (False, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +154,11 @@ class PostgresStore:
     async def load_snapshot(self, conn: Connection, account_id: str) -> LoadSnapshot | None:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             row = await conn.fetchrow(
-                "SELECT status, credited_micros - used_micros AS balance FROM accounts"
-                " WHERE account_id = $1",
+                """SELECT a.status, a.credited_micros - a.used_micros AS balance,
+                          coalesce(t.enabled AND NOT t.paused, false) AS armed,
+                          coalesce(t.threshold_micros, 0) AS threshold
+                   FROM accounts a LEFT JOIN auto_top_up t USING (account_id)
+                   WHERE a.account_id = $1""",
                 account_id,
             )
             if row is None:
@@ -162,7 +167,12 @@ class PostgresStore:
                 "SELECT credit_id FROM credits WHERE account_id = $1 AND NOT hot_applied",
                 account_id,
             )
-        return LoadSnapshot(row["status"], row["balance"], [r["credit_id"] for r in unapplied])
+        return LoadSnapshot(
+            row["status"],
+            row["balance"],
+            [r["credit_id"] for r in unapplied],
+            (row["armed"], row["threshold"]),
+        )
 
     async def set_status(self, conn: Connection, account_id: str, status: str) -> AccountRow:
         row = await conn.fetchrow(

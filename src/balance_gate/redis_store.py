@@ -16,7 +16,13 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
 
-from balance_gate.constants import CREDIT_MARKER_TTL_SECONDS, MAX_SAFE_MICROS, USAGE_GROUP
+from balance_gate.constants import (
+    CREDIT_MARKER_TTL_SECONDS,
+    MAX_SAFE_MICROS,
+    SHARD_COUNT,
+    TOP_UP_GROUP,
+    USAGE_GROUP,
+)
 from balance_gate.keys import Keys, shard_of
 from balance_gate.postgres_store import UsageEvent
 
@@ -54,16 +60,23 @@ class StreamEntry:
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis, key_prefix: str, request_ttl_seconds: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key_prefix: str,
+        request_ttl_seconds: int,
+        trigger_ttl_seconds: int = 600,
+    ) -> None:
         self.client = client
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
+        self._trigger_ttl = str(trigger_ttl_seconds)
         self._authorize: AsyncScript = client.register_script(_lua("authorize"))
         self._settle: AsyncScript = client.register_script(_lua("settle"))
         self._apply_credit: AsyncScript = client.register_script(_lua("apply_credit"))
         self._sync: AsyncScript = client.register_script(_lua("sync_account"))
         self._ack: AsyncScript = client.register_script(_lua("ack_usage"))
-        self._set_status: AsyncScript = client.register_script(_lua("set_status"))
+        self._set_fields: AsyncScript = client.register_script(_lua("set_fields"))
 
     # --- the hot path -----------------------------------------------------
 
@@ -77,6 +90,8 @@ class RedisStore:
                 keys.account(account_id),
                 keys.request(account_id, request_id),
                 keys.usage_stream(shard),
+                keys.top_up_flag(account_id),
+                keys.top_up_stream(shard),
             ],
             args=[
                 str(amount_micros),
@@ -85,6 +100,7 @@ class RedisStore:
                 account_id,
                 request_id,
                 capability,
+                self._trigger_ttl,
             ],
         )
         return ScriptResult(int(reply[0]), int(reply[1]), replayed=bool(reply[2]))
@@ -96,8 +112,10 @@ class RedisStore:
                 keys.account(account_id),
                 keys.request(account_id, request_id),
                 keys.usage_stream(shard_of(account_id)),
+                keys.top_up_flag(account_id),
+                keys.top_up_stream(shard_of(account_id)),
             ],
-            args=[str(amount_micros), account_id, request_id],
+            args=[str(amount_micros), account_id, request_id, self._trigger_ttl],
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
 
@@ -130,6 +148,7 @@ class RedisStore:
         ledger_balance_micros: int,
         status: str,
         unapplied_credit_ids: Sequence[int],
+        auto_top_up: tuple[bool, int] = (False, 0),
     ) -> ScriptResult:
         markers = [self.keys.credit_marker(account_id, cid) for cid in unapplied_credit_ids]
         reply = await self._sync(
@@ -139,6 +158,8 @@ class RedisStore:
                 str(ledger_balance_micros),
                 status,
                 str(CREDIT_MARKER_TTL_SECONDS),
+                "1" if auto_top_up[0] else "0",
+                str(auto_top_up[1]),
             ],
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
@@ -153,7 +174,66 @@ class RedisStore:
         return reply.get("maxmemory-policy")
 
     async def set_status(self, account_id: str, status: str) -> bool:
-        return bool(await self._set_status(keys=[self.keys.account(account_id)], args=[status]))
+        return bool(
+            await self._set_fields(keys=[self.keys.account(account_id)], args=["status", status])
+        )
+
+    async def set_auto_top_up(self, account_id: str, on: bool, threshold_micros: int) -> bool:
+        """Arm or disarm the trigger in the debit scripts (when the account is loaded)."""
+        return bool(
+            await self._set_fields(
+                keys=[self.keys.account(account_id)],
+                args=["at_on", "1" if on else "0", "at_thr", str(threshold_micros)],
+            )
+        )
+
+    async def hold_top_up_trigger(self, account_id: str, seconds: float) -> None:
+        """Keep new triggers off for a while (retry interval, P10); 0 re-arms at once."""
+        flag = self.keys.top_up_flag(account_id)
+        if seconds <= 0:
+            await self.client.delete(flag)
+        else:
+            await self.client.set(flag, "1", px=max(1, int(seconds * 1000)))
+
+    # --- top-up triggers ----------------------------------------------------
+
+    async def ensure_top_up_groups(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for stream in self.keys.all_top_up_streams():
+            pipe.xgroup_create(stream, TOP_UP_GROUP, id="0", mkstream=True)
+        for result in await pipe.execute(raise_on_error=False):
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise result
+
+    async def read_top_up_triggers(
+        self, consumer: str, count: int, block_ms: int | None, *, stale_ms: int | None = None
+    ) -> list[tuple[int, str, str]]:
+        """(shard, entry id, account_id) of new triggers, or of ones left pending by
+        a dead worker for at least stale_ms."""
+        found: list[tuple[int, str, str]] = []
+        if stale_ms is not None:
+            for shard in range(SHARD_COUNT):
+                reply = await self.client.xautoclaim(
+                    self.keys.top_up_stream(shard), TOP_UP_GROUP, consumer, stale_ms, "0-0", count
+                )
+                found += [(shard, i.decode(), f[b"a"].decode()) for i, f in reply[1] if f]
+            return found
+        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
+            stream: ">" for stream in self.keys.all_top_up_streams()
+        }
+        new = await self.client.xreadgroup(TOP_UP_GROUP, consumer, streams, count, block_ms)
+        prefix_len = len(self.keys.prefix) + 2
+        for stream, messages in cast(list[list[Any]], new or []):
+            shard = int(stream[prefix_len : stream.index(b"}")])
+            found += [(shard, i.decode(), f[b"a"].decode()) for i, f in messages if f]
+        return found
+
+    async def ack_top_up_trigger(self, shard: int, entry_id: str) -> None:
+        stream = self.keys.top_up_stream(shard)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(stream, TOP_UP_GROUP, entry_id)
+        pipe.xdel(stream, entry_id)
+        await pipe.execute()
 
     # --- usage streams ----------------------------------------------------
 

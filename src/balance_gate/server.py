@@ -100,6 +100,9 @@ class Sidecar:
         self._tasks = [
             asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
             asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
+            asyncio.create_task(
+                self.app.top_up_worker.run(self._stop_background), name="top-up-worker"
+            ),
         ]
         await self._gate.start()
         await self._admin.start()

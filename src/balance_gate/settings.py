@@ -94,6 +94,19 @@ class Settings(BaseSettings):
     stats_interval_ms: int = Field(
         default=2_000, ge=100, description="How often the flush lag and backlog gauges refresh."
     )
+    top_up_trigger_ttl_ms: int = Field(
+        default=600_000,
+        ge=1_000,
+        description="Longest a raised top-up trigger holds off new ones; then it expires.",
+    )
+    top_up_retry_interval_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="After a failed or skipped top-up, the next trigger waits this long (P10).",
+    )
+    top_up_concurrency: int = Field(
+        default=16, ge=1, le=1_000, description="Top-up triggers handled at once per sidecar."
+    )
     not_found_cache_ms: int = Field(
         default=2_000,
         ge=0,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -58,6 +60,28 @@ class TopUpRow:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoPlan:
+    """The outcome of one trigger: a pending top-up to charge, or why not."""
+
+    top_up: TopUpRow | None
+    stop_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """Auto top-up charges of the account's current day and month (non-failed)."""
+
+    today_micros: int
+    month_micros: int
+    pending_micros: int
+
+
+# Consecutive failures before the backup card is tried (P12) and before a
+# card is given up on (P11).
+FAILURES_PER_CARD = 3
+
+
+@dataclass(frozen=True, slots=True)
 class InvoiceRow:
     invoice_number: int
     account_id: str
@@ -66,6 +90,15 @@ class InvoiceRow:
     amount_minor: int
     currency: str
     issued_at: dt.datetime
+
+
+def _card_for(row: asyncpg.Record) -> str | None:
+    """The primary card until it failed 3 times in a row, then the backup (P12)."""
+    if row["consecutive_failures"] < FAILURES_PER_CARD:
+        method: str | None = row["primary_payment_method"]
+        return method
+    backup: str | None = row["backup_payment_method"]
+    return backup
 
 
 _TOP_UP_SELECT = """
@@ -149,6 +182,130 @@ class TopUpStore:
             account_id,
         )
         return done != "UPDATE 0"
+
+    async def charged(self, conn: Connection | None, account_id: str, today: dt.date) -> Charged:
+        sql = """SELECT
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day = $2), 0),
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day >= $3), 0),
+                   coalesce(sum(amount_micros) FILTER (WHERE status = 'pending'), 0)
+                 FROM top_ups
+                 WHERE account_id = $1 AND status <> 'failed'
+                   AND (local_day >= $3 OR status = 'pending')"""
+        args = (account_id, today, today.replace(day=1))
+        row = await (conn.fetchrow(sql, *args) if conn else self._pool.fetchrow(sql, *args))
+        assert row is not None
+        return Charged(row[0], row[1], row[2])
+
+    async def plan_auto(self, account_id: str, balance_micros: int, now: dt.datetime) -> AutoPlan:
+        """Decide one trigger in one transaction (the settings row locked), P5/O1.
+
+        Skips when pending top-ups already lift the balance over the threshold;
+        otherwise charges the smallest whole number of top-up amounts that
+        lifts it over, cut down to what the daily and monthly caps allow.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT a.currency, a.time_zone, a.primary_payment_method,
+                          a.backup_payment_method, t.enabled, t.paused, t.threshold_micros,
+                          t.amount_micros, t.daily_cap_micros, t.monthly_cap_micros,
+                          t.consecutive_failures
+                   FROM accounts a JOIN auto_top_up t USING (account_id)
+                   WHERE a.account_id = $1 FOR UPDATE OF t""",
+                account_id,
+            )
+            if row is None or not row["enabled"]:
+                return AutoPlan(None, "disabled")
+            reason, top_up = await self._plan_locked(conn, account_id, balance_micros, now, row)
+            await conn.execute(
+                "UPDATE auto_top_up SET last_stop_reason = $2 WHERE account_id = $1",
+                account_id,
+                reason,
+            )
+            return AutoPlan(top_up, reason)
+
+    async def _plan_locked(
+        self,
+        conn: Connection,
+        account_id: str,
+        balance_micros: int,
+        now: dt.datetime,
+        row: asyncpg.Record,
+    ) -> tuple[str | None, TopUpRow | None]:
+        if row["paused"]:
+            return "paused", None
+        method = _card_for(row)
+        if method is None:
+            return "no_payment_method", None
+        today = now.astimezone(ZoneInfo(row["time_zone"])).date()
+        charged = await self.charged(conn, account_id, today)
+        threshold, amount = row["threshold_micros"], row["amount_micros"]
+        covered = balance_micros + charged.pending_micros
+        if covered > threshold:
+            return ("pending_covers" if charged.pending_micros else "above_threshold"), None
+        count = (threshold - covered) // amount + 1
+        count = min(count, (row["daily_cap_micros"] - charged.today_micros) // amount)
+        if count <= 0:
+            return "daily_cap", None
+        if row["monthly_cap_micros"] is not None:
+            count = min(count, (row["monthly_cap_micros"] - charged.month_micros) // amount)
+            if count <= 0:
+                return "monthly_cap", None
+        top_up_id = await conn.fetchval(
+            """INSERT INTO top_ups (account_id, kind, idempotency_key, status, amount_micros,
+                                    currency, payment_method, threshold_micros, local_day)
+               VALUES ($1, 'auto', $2, 'pending', $3, $4, $5, $6, $7) RETURNING top_up_id""",
+            account_id,
+            f"auto-{uuid.uuid4().hex}",
+            count * amount,
+            row["currency"],
+            method,
+            threshold,
+            today,
+        )
+        stored = await conn.fetchrow(_TOP_UP_SELECT + " WHERE t.top_up_id = $1", top_up_id)
+        assert stored is not None
+        return None, _top_up(stored)
+
+    async def record_auto_outcome(self, account_id: str, decline_reason: str | None) -> bool:
+        """Count consecutive failures (P11/P12); True when auto top-up is now paused."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if decline_reason is None:
+                await conn.execute(
+                    """UPDATE auto_top_up SET consecutive_failures = 0, updated_at = now()
+                       WHERE account_id = $1""",
+                    account_id,
+                )
+                return False
+            row = await conn.fetchrow(
+                """UPDATE auto_top_up t
+                   SET consecutive_failures = consecutive_failures + 1,
+                       last_decline_reason = $2, updated_at = now()
+                   FROM accounts a WHERE t.account_id = $1 AND a.account_id = $1
+                   RETURNING t.consecutive_failures, a.backup_payment_method""",
+                account_id,
+                decline_reason,
+            )
+            if row is None:
+                return False
+            cards = 2 if row["backup_payment_method"] else 1
+            if row["consecutive_failures"] < cards * FAILURES_PER_CARD:
+                return False
+            await conn.execute(
+                """UPDATE auto_top_up SET paused = true, last_stop_reason = 'paused'
+                   WHERE account_id = $1""",
+                account_id,
+            )
+            return True
+
+    async def stale_pending(self, older_than_s: float, limit: int = 100) -> list[TopUpRow]:
+        rows = await self._pool.fetch(
+            _TOP_UP_SELECT
+            + """ WHERE t.status = 'pending' AND t.created_at < now() - make_interval(secs => $1)
+                  ORDER BY t.top_up_id LIMIT $2""",
+            older_than_s,
+            limit,
+        )
+        return [_top_up(r) for r in rows]
 
     async def create_top_up(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
 from balance_gate import money, validation
@@ -22,7 +23,14 @@ from balance_gate.keys import shard_of
 from balance_gate.payments import GatewayUnavailable, PaymentGateway, mask
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
-from balance_gate.top_up_store import AutoTopUpRow, Billing, InvoiceRow, TopUpRow, TopUpStore
+from balance_gate.top_up_store import (
+    AutoTopUpRow,
+    Billing,
+    Charged,
+    InvoiceRow,
+    TopUpRow,
+    TopUpStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,9 @@ class TopUps:
         hot: RedisStore,
         accounts: Accounts,
         gateway: PaymentGateway,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        self.clock = clock
         self._store = store
         self._pg = pg
         self._hot = hot
@@ -84,18 +94,34 @@ class TopUps:
                 daily_cap_micros,
                 monthly_cap_micros or None,
             )
+            settings = await self._store.auto_top_up(account_id)
+            assert settings is not None
+            armed = settings.enabled and not settings.paused
+            await self._hot.set_auto_top_up(account_id, armed, threshold_micros)
+            await self._hot.hold_top_up_trigger(account_id, 0)
 
     async def resume(self, account_id: str) -> None:
         validation.check_id("account_id", account_id)
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
             if not await self._store.resume(conn, account_id):
                 raise FailedPrecondition(f"account {account_id!r} has no auto top-up settings")
+            settings = await self._store.auto_top_up(account_id)
+            assert settings is not None
+            await self._hot.set_auto_top_up(account_id, settings.enabled, settings.threshold_micros)
+            await self._hot.hold_top_up_trigger(account_id, 0)
 
     async def billing(self, account_id: str) -> Billing:
         return await self._store.billing(account_id)
 
     async def auto_top_up(self, account_id: str) -> AutoTopUpRow | None:
         return await self._store.auto_top_up(account_id)
+
+    async def charged(self, account_id: str) -> Charged:
+        """Auto top-ups charged on the account's current day and month."""
+        billing = await self._store.billing(account_id)
+        return await self._store.charged(
+            None, account_id, local_day(billing.time_zone, self.clock())
+        )
 
     # --- manual top-ups -----------------------------------------------------
 
@@ -116,11 +142,72 @@ class TopUps:
             billing.currency,
             billing.primary_payment_method,
             None,
-            local_day(billing.time_zone),
+            local_day(billing.time_zone, self.clock()),
         )
         if top_up.status != "pending":
             return top_up  # a replay of a finished top-up
         return await self.charge(top_up)
+
+    # --- auto top-up ----------------------------------------------------------
+
+    async def auto(self, account_id: str, retry_interval_s: float) -> str:
+        """Handle one trigger: plan, charge, record. Returns the result for metrics:
+        succeeded, a decline reason, network_error, or why nothing was charged."""
+        hot = await self._hot.read_account(account_id)
+        if hot is None:
+            return "not_loaded"
+        plan = await self._store.plan_auto(account_id, hot.balance_micros, self.clock())
+        if plan.top_up is None:
+            reason = plan.stop_reason or "skipped"
+            if reason in ("disabled", "paused"):
+                await self._hot.set_auto_top_up(account_id, False, 0)
+            # Capped or covered: look again after the retry interval, not per request.
+            hold_s = 0.0 if reason == "above_threshold" else retry_interval_s
+            await self._hot.hold_top_up_trigger(account_id, hold_s)
+            return reason
+        return await self.finish_auto(plan.top_up, retry_interval_s)
+
+    async def finish_auto(self, top_up: TopUpRow, retry_interval_s: float) -> str:
+        """Charge a pending auto top-up and count its outcome (P10..P12)."""
+        try:
+            done = await self.charge(top_up)
+        except Unavailable:
+            if await self._gateway_confirms_no_charge(top_up):
+                await self._store.fail(top_up.top_up_id, "network_error")
+                done = await self._store.get(top_up.top_up_id)
+            else:  # unknown outcome: stays pending, resolved by the recovery pass
+                await self._hot.hold_top_up_trigger(top_up.account_id, retry_interval_s)
+                return "network_error"
+        if done.status == "succeeded":
+            await self._store.record_auto_outcome(top_up.account_id, None)
+            await self._hot.hold_top_up_trigger(top_up.account_id, 0)
+            return "succeeded"
+        reason = done.decline_reason or "declined"
+        if await self._store.record_auto_outcome(top_up.account_id, reason):
+            log.warning("auto top-up of %r paused after repeated failures", top_up.account_id)
+            await self._hot.set_auto_top_up(top_up.account_id, False, 0)
+        # P10: the next request retries the same card, at most once per interval.
+        await self._hot.hold_top_up_trigger(top_up.account_id, retry_interval_s)
+        return reason
+
+    async def _gateway_confirms_no_charge(self, top_up: TopUpRow) -> bool:
+        try:
+            return await self._gateway.lookup(top_up.gateway_key) is None
+        except GatewayUnavailable:
+            return False
+
+    async def resolve_stale(self, older_than_s: float, retry_interval_s: float) -> int:
+        """Finish top-ups a crash or a timeout left pending (same gateway key: no double charge)."""
+        stale = await self._store.stale_pending(older_than_s)
+        for top_up in stale:
+            if top_up.kind == "auto":
+                await self.finish_auto(top_up, retry_interval_s)
+            else:
+                try:
+                    await self.charge(top_up)
+                except Unavailable:
+                    continue
+        return len(stale)
 
     # --- charging -----------------------------------------------------------
 

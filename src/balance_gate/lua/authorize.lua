@@ -4,11 +4,18 @@
   KEYS[1] account hash    {balance, unflushed, status}
   KEYS[2] request record  "<authorized>" or "<authorized>:<settled>", expires after ARGV[3] s
   KEYS[3] usage stream of the account's shard
+  KEYS[4] the account's "top-up triggered" flag (expires: a lost trigger never blocks)
+  KEYS[5] top-up trigger stream of the account's shard
 
   ARGV[1] amount (decimal integer string, >= 0, <= 2^53-1)
   ARGV[2] the amount negated, as a string (never "-0": HINCRBY rejects it)
   ARGV[3] request record TTL in seconds
   ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
+  ARGV[7] lifetime of a trigger flag in seconds
+
+  A decision that leaves the balance under the auto top-up threshold (field
+  at_thr, when at_on = '1') raises ONE trigger: only if the flag was not set.
+  A denial raises it too (P9: the request fails, the top-up still starts).
 
   Returns {code, balance, replayed}
     0 OK                    allowed (replayed = 1 when the request_id was already allowed)
@@ -17,8 +24,16 @@
     3 NOT_LOADED            the account is not in Redis: load it from Postgres and retry
     4 AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
 ]]
-local account = redis.call('HMGET', KEYS[1], 'status', 'balance')
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr')
 local status, balance = account[1], account[2]
+
+local function maybe_trigger(current)
+  if account[3] == '1' and tonumber(current) < tonumber(account[4]) then
+    if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[7]) then
+      redis.call('XADD', KEYS[5], '*', 'a', ARGV[4])
+    end
+  end
+end
 if not status then
   return {3, 0, 0}
 end
@@ -36,6 +51,7 @@ if status ~= 'active' then
   return {2, tonumber(balance), 0}
 end
 if tonumber(balance) < tonumber(ARGV[1]) then
+  maybe_trigger(balance)
   return {1, tonumber(balance), 0}
 end
 
@@ -45,4 +61,5 @@ if ARGV[1] ~= '0' then
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ARGV[5], 'm', ARGV[1], 'c', ARGV[6])
+maybe_trigger(balance)
 return {0, tonumber(balance), 0}

@@ -3,9 +3,14 @@
   to the authorized amount, once. Atomic.
 
   KEYS[1] account hash    KEYS[2] request record    KEYS[3] usage stream of the shard
+  KEYS[4] the account's top-up trigger flag    KEYS[5] top-up trigger stream of the shard
 
   ARGV[1] final amount (decimal integer string, >= 0)
   ARGV[2] account_id      ARGV[3] request_id
+  ARGV[4] lifetime of a trigger flag in seconds
+
+  An extra debit that leaves the balance under the auto top-up threshold raises
+  one trigger, as in authorize.lua.
 
   Returns {code, balance, delta, replayed}
     0 OK                 delta = final - authorized; replayed = 1 when settled before with
@@ -40,5 +45,11 @@ else
   balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 end
 redis.call('SET', KEYS[2], authorized .. ':' .. ARGV[1], 'KEEPTTL')
+local auto = redis.call('HMGET', KEYS[1], 'at_on', 'at_thr')
+if auto[1] == '1' and balance < tonumber(auto[2]) then
+  if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[4]) then
+    redis.call('XADD', KEYS[5], '*', 'a', ARGV[2])
+  end
+end
 redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[2], 'r', ARGV[3], 'm', string.format('%d', delta), 'c', '')
 return {0, balance, delta, 0}

@@ -12,6 +12,7 @@
   ARGV[2] ledger balance: credited - used as recorded in Postgres
   ARGV[3] status ('active' | 'disabled')
   ARGV[4] marker TTL in seconds
+  ARGV[5] auto top-up on ('1' | '0')      ARGV[6] auto top-up threshold, micro-USD
 
   Invariant kept: balance + unflushed = ledger balance, because every debit
   moves an amount from balance to unflushed and every acknowledged flush
@@ -29,7 +30,8 @@ end
 
 local current = redis.call('HMGET', KEYS[1], 'balance', 'unflushed')
 if not current[1] then
-  redis.call('HSET', KEYS[1], 'balance', ARGV[2], 'unflushed', '0', 'status', ARGV[3])
+  redis.call('HSET', KEYS[1], 'balance', ARGV[2], 'unflushed', '0', 'status', ARGV[3],
+    'at_on', ARGV[5], 'at_thr', ARGV[6])
   mark_credits()
   return {0, tonumber(ARGV[2]), 0}
 end
@@ -43,6 +45,6 @@ local balance = tonumber(current[1])
 if correction ~= 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', correction))
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'at_on', ARGV[5], 'at_thr', ARGV[6])
 mark_credits()
 return {0, balance, correction}
