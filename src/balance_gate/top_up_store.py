@@ -185,9 +185,11 @@ class TopUpStore:
 
     async def charged(self, conn: Connection | None, account_id: str, today: dt.date) -> Charged:
         sql = """SELECT
-                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day = $2), 0),
-                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day >= $3), 0),
-                   coalesce(sum(amount_micros) FILTER (WHERE status = 'pending'), 0)
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day = $2),
+                            0)::bigint,
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day >= $3),
+                            0)::bigint,
+                   coalesce(sum(amount_micros) FILTER (WHERE status = 'pending'), 0)::bigint
                  FROM top_ups
                  WHERE account_id = $1 AND status <> 'failed'
                    AND (local_day >= $3 OR status = 'pending')"""

@@ -160,3 +160,32 @@ async def test_p5_enabling_auto_top_up_without_a_daily_cap_is_refused(running: R
         )
     )
     assert (account.auto_top_up.enabled, account.auto_top_up.daily_cap_micros) == (True, 100 * USD)
+
+
+async def test_p3_auto_top_up_end_to_end_through_the_running_sidecar(running: RunningGate) -> None:
+    """The sidecar's own worker picks up the trigger; GetAccount shows the state."""
+    await fund_over_grpc(running.admin, "live", 10 * USD)
+    await running.admin.SetPaymentMethods(
+        admin_pb2.SetPaymentMethodsRequest(account_id="live", primary="pm_card_visa")
+    )
+    await running.admin.SetAutoTopUp(
+        admin_pb2.SetAutoTopUpRequest(
+            account_id="live",
+            enabled=True,
+            threshold_micros=5 * USD,
+            amount_micros=20 * USD,
+            daily_cap_micros=20 * USD,
+        )
+    )
+    await running.gate.Authorize(authorize_request("live", 6 * USD))
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:  # the worker runs in the background: wait for its result, bounded
+        account = await running.admin.GetAccount(admin_pb2.GetAccountRequest(account_id="live"))
+        if account.balance_micros == 24 * USD:
+            break
+        assert asyncio.get_running_loop().time() < deadline, account
+        await asyncio.sleep(0.02)
+    auto = account.auto_top_up
+    assert (auto.charged_today_micros, auto.charged_this_month_micros) == (20 * USD, 20 * USD)
+    assert auto.daily_cap_reached
+    assert (auto.consecutive_failures, auto.paused) == (0, False)
