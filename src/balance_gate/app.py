@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.flusher import UsageFlusher
+from balance_gate.fx import FxRates
 from balance_gate.gate import Gate
 from balance_gate.payments import SandboxGateway
 from balance_gate.postgres_store import PostgresStore
@@ -81,7 +82,9 @@ class App:
             claim_idle_ms=settings.flush_claim_idle_ms,
             stats_interval_ms=settings.stats_interval_ms,
         )
-        topups = TopUps(TopUpStore(pool, pg), pg, hot, accounts, SandboxGateway(pool))
+        topups = TopUps(
+            TopUpStore(pool, pg), pg, hot, accounts, SandboxGateway(pool), FxRates(pool)
+        )
         worker = TopUpWorker(
             hot,
             topups,

@@ -72,6 +72,22 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:
+    from balance_gate.app import postgres_pool
+    from balance_gate.fx import FxRates
+
+    async def load() -> None:
+        pool = await postgres_pool(settings)
+        try:
+            stored = await FxRates(pool).load_csv(Path(args.file))
+        finally:
+            await pool.close()
+        print(f"stored {stored} rates from {args.file}")
+
+    _run(load())
+    return 0
+
+
 def cmd_dev(_settings: Settings, args: argparse.Namespace) -> int:
     from balance_gate.devstack import run_dev
 
@@ -91,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "rebuild", help="reconcile every hot balance in Redis with the Postgres ledger"
     ).set_defaults(func=cmd_rebuild)
+    fx = commands.add_parser("fx", help="FX rates (P6)").add_subparsers(dest="fx", required=True)
+    load = fx.add_parser("load", help="load daily rates from a CSV: date,base,quote,rate")
+    load.add_argument("file")
+    load.set_defaults(func=cmd_fx_load)
     dev = commands.add_parser(
         "dev", help="run with a local Redis and Postgres under --run-dir and a funded demo account"
     )

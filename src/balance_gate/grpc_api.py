@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from balance_gate import errors, metrics
+from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
@@ -159,6 +159,8 @@ def _top_up(row: TopUpRow) -> admin_pb2.TopUpRecord:
         decline_reason=row.decline_reason or "",
         created_at=_timestamp(row.created_at),
         invoice_number=row.invoice_number or 0,
+        charge_currency=row.charge_currency or "",
+        charge_amount_minor=row.charge_amount_minor or 0,
     )
 
 
@@ -293,3 +295,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListInvoicesResponse:
         rows = await self._topups.list_invoices(request.account_id)
         return admin_pb2.ListInvoicesResponse(invoices=[_invoice(r) for r in rows])
+
+    @rpc
+    async def SetFxRates(
+        self, request: admin_pb2.SetFxRatesRequest, context: Context
+    ) -> admin_pb2.SetFxRatesResponse:
+        day = fx.parse_date("date", request.date)
+        rates = {
+            quote: fx.parse_rate(f"rates[{quote}]", text) for quote, text in request.rates.items()
+        }
+        if not rates:
+            raise errors.InvalidArgument("rates", "must not be empty")
+        stored = await self._topups.rates.set_rates(day, request.base, rates)
+        return admin_pb2.SetFxRatesResponse(stored=stored)

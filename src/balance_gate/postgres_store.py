@@ -156,7 +156,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 """SELECT a.status, a.credited_micros - a.used_micros AS balance,
                           coalesce(t.enabled AND NOT t.paused, false) AS armed,
-                          coalesce(t.threshold_micros, 0) AS threshold
+                          coalesce(t.trigger_threshold_usd_micros, 0) AS threshold
                    FROM accounts a LEFT JOIN auto_top_up t USING (account_id)
                    WHERE a.account_id = $1""",
                 account_id,

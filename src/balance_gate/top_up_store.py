@@ -11,6 +11,7 @@ import asyncpg
 
 from balance_gate.constants import MAX_SAFE_MICROS
 from balance_gate.errors import FailedPrecondition, NotFound
+from balance_gate.fx import Conversion
 from balance_gate.postgres_store import Connection, CreditRow, PostgresStore
 
 
@@ -35,6 +36,7 @@ class AutoTopUpRow:
     consecutive_failures: int
     last_decline_reason: str | None
     last_stop_reason: str | None
+    trigger_threshold_usd_micros: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,9 @@ class TopUpRow:
     decline_reason: str | None
     created_at: dt.datetime
     invoice_number: int | None
+    local_day: dt.date
+    charge_currency: str | None
+    charge_amount_minor: int | None
 
     @property
     def gateway_key(self) -> str:
@@ -104,7 +109,8 @@ def _card_for(row: asyncpg.Record) -> str | None:
 _TOP_UP_SELECT = """
     SELECT t.top_up_id, t.account_id, t.kind, t.idempotency_key, t.status, t.amount_micros,
            t.currency, t.credited_micros, t.payment_method, t.threshold_micros,
-           t.decline_reason, t.created_at, i.invoice_number
+           t.decline_reason, t.created_at, i.invoice_number, t.local_day, t.charge_currency,
+           t.charge_amount_minor
     FROM top_ups t LEFT JOIN invoices i USING (top_up_id)"""
 
 
@@ -143,7 +149,7 @@ class TopUpStore:
         row = await self._pool.fetchrow(
             """SELECT enabled, threshold_micros, amount_micros, daily_cap_micros,
                       monthly_cap_micros, paused, consecutive_failures, last_decline_reason,
-                      last_stop_reason
+                      last_stop_reason, trigger_threshold_usd_micros
                FROM auto_top_up WHERE account_id = $1""",
             account_id,
         )
@@ -158,20 +164,29 @@ class TopUpStore:
         amount_micros: int,
         daily_cap_micros: int,
         monthly_cap_micros: int | None,
+        trigger_threshold_usd_micros: int,
     ) -> None:
         await conn.execute(
             """INSERT INTO auto_top_up (account_id, enabled, threshold_micros, amount_micros,
-                                        daily_cap_micros, monthly_cap_micros)
-               VALUES ($1, $2, $3, $4, $5, $6)
+                                        daily_cap_micros, monthly_cap_micros,
+                                        trigger_threshold_usd_micros)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
                ON CONFLICT (account_id) DO UPDATE SET
                    enabled = $2, threshold_micros = $3, amount_micros = $4,
-                   daily_cap_micros = $5, monthly_cap_micros = $6, updated_at = now()""",
+                   daily_cap_micros = $5, monthly_cap_micros = $6,
+                   trigger_threshold_usd_micros = $7, updated_at = now()""",
             account_id,
             enabled,
             threshold_micros,
             amount_micros,
             daily_cap_micros,
             monthly_cap_micros,
+            trigger_threshold_usd_micros,
+        )
+
+    async def record_stop(self, account_id: str, reason: str) -> None:
+        await self._pool.execute(
+            "UPDATE auto_top_up SET last_stop_reason = $2 WHERE account_id = $1", account_id, reason
         )
 
     async def resume(self, conn: Connection, account_id: str) -> bool:
@@ -365,7 +380,7 @@ class TopUpStore:
         conn: Connection,
         top_up: TopUpRow,
         charge_id: str,
-        credited_micros: int,
+        conversion: Conversion,
         description: str,
         line: str,
         amount_minor: int,
@@ -379,7 +394,7 @@ class TopUpStore:
             credit = await self._pg.record_credit(
                 conn,
                 top_up.account_id,
-                credited_micros,
+                conversion.credited_usd_micros,
                 description,
                 top_up.gateway_key,
                 MAX_SAFE_MICROS,
@@ -388,12 +403,17 @@ class TopUpStore:
             updated = await conn.execute(
                 """UPDATE top_ups SET status = 'succeeded', credited_micros = $2,
                                       gateway_charge_id = $3, credit_id = $4,
-                                      resolved_at = now()
+                                      charge_currency = $5, charge_amount_minor = $6,
+                                      usd_rate = $7, card_rate = $8, resolved_at = now()
                    WHERE top_up_id = $1 AND status = 'pending'""",
                 top_up.top_up_id,
-                credited_micros,
+                conversion.credited_usd_micros,
                 charge_id,
                 credit.credit_id,
+                conversion.charge_currency,
+                conversion.charge_amount_minor,
+                conversion.usd_rate,
+                conversion.card_rate,
             )
             if updated == "UPDATE 1":
                 number = await conn.fetchval(

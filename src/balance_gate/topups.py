@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
+from decimal import ROUND_CEILING, ROUND_FLOOR
 from zoneinfo import ZoneInfo
 
 from balance_gate import money, validation
 from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_CREDIT_MICROS
 from balance_gate.errors import FailedPrecondition, InvalidArgument, Unavailable
+from balance_gate.fx import Conversion, FxRates, convert
 from balance_gate.keys import shard_of
 from balance_gate.payments import GatewayUnavailable, PaymentGateway, mask
 from balance_gate.postgres_store import PostgresStore
@@ -34,7 +36,7 @@ from balance_gate.top_up_store import (
 
 log = logging.getLogger(__name__)
 
-# Until daily FX rates exist, a top-up that would need one fails clearly (P6).
+# A top-up whose day has no FX rate it needs fails clearly, never guesses (P6).
 FX_RATE_MISSING = "fx_rate_missing"
 
 
@@ -51,6 +53,7 @@ class TopUps:
         hot: RedisStore,
         accounts: Accounts,
         gateway: PaymentGateway,
+        rates: FxRates,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.clock = clock
@@ -59,6 +62,7 @@ class TopUps:
         self._hot = hot
         self._accounts = accounts
         self._gateway = gateway
+        self.rates = rates
 
     # --- configuration ------------------------------------------------------
 
@@ -84,6 +88,7 @@ class TopUps:
             enabled, threshold_micros, amount_micros, daily_cap_micros, monthly_cap_micros
         )
         money.check_whole_minor_units("amount_micros", amount_micros, billing.currency)
+        trigger_usd = await self._trigger_threshold_usd(threshold_micros, billing.currency)
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
             await self._store.save_auto_top_up(
                 conn,
@@ -93,11 +98,12 @@ class TopUps:
                 amount_micros,
                 daily_cap_micros,
                 monthly_cap_micros or None,
+                trigger_usd,
             )
             settings = await self._store.auto_top_up(account_id)
             assert settings is not None
             armed = settings.enabled and not settings.paused
-            await self._hot.set_auto_top_up(account_id, armed, threshold_micros)
+            await self._hot.set_auto_top_up(account_id, armed, trigger_usd)
             await self._hot.hold_top_up_trigger(account_id, 0)
 
     async def resume(self, account_id: str) -> None:
@@ -107,8 +113,21 @@ class TopUps:
                 raise FailedPrecondition(f"account {account_id!r} has no auto top-up settings")
             settings = await self._store.auto_top_up(account_id)
             assert settings is not None
-            await self._hot.set_auto_top_up(account_id, settings.enabled, settings.threshold_micros)
+            await self._hot.set_auto_top_up(
+                account_id, settings.enabled, settings.trigger_threshold_usd_micros
+            )
             await self._hot.hold_top_up_trigger(account_id, 0)
+
+    async def _trigger_threshold_usd(self, threshold_micros: int, currency: str) -> int:
+        """The threshold in micro-USD for the debit scripts, at the latest known rate.
+
+        Without any rate the threshold is taken as is: triggers still fire, and
+        the worker then stops with fx_rate_missing, which GetAccount shows.
+        """
+        rate = await self.rates.latest_rate(currency, "USD")
+        if rate is None:
+            return threshold_micros
+        return int((threshold_micros * rate).to_integral_value(rounding=ROUND_CEILING))
 
     async def billing(self, account_id: str) -> Billing:
         return await self._store.billing(account_id)
@@ -156,7 +175,16 @@ class TopUps:
         hot = await self._hot.read_account(account_id)
         if hot is None:
             return "not_loaded"
-        plan = await self._store.plan_auto(account_id, hot.balance_micros, self.clock())
+        now = self.clock()
+        billing = await self._store.billing(account_id)
+        usd_rate = await self.rates.rate(local_day(billing.time_zone, now), billing.currency, "USD")
+        if usd_rate is None:
+            await self._store.record_stop(account_id, FX_RATE_MISSING)
+            await self._hot.hold_top_up_trigger(account_id, retry_interval_s)
+            return FX_RATE_MISSING
+        # The planner works in the default currency (P6); floor: never overstate.
+        balance = (hot.balance_micros / usd_rate).to_integral_value(rounding=ROUND_FLOOR)
+        plan = await self._store.plan_auto(account_id, int(balance), now)
         if plan.top_up is None:
             reason = plan.stop_reason or "skipped"
             if reason in ("disabled", "paused"):
@@ -214,13 +242,17 @@ class TopUps:
     async def charge(self, top_up: TopUpRow) -> TopUpRow:
         """Charge a pending top-up's card and record the outcome (idempotent)."""
         card_currency = await self._gateway.card_currency(top_up.payment_method)
-        if top_up.currency != "USD" or card_currency != top_up.currency:
+        conversion = await self._convert(top_up, card_currency)
+        if conversion is None:
             await self._store.fail(top_up.top_up_id, FX_RATE_MISSING)
             return await self._store.get(top_up.top_up_id)
         amount_minor = money.to_minor(top_up.amount_micros, top_up.currency)
         try:
             charge = await self._gateway.charge(
-                top_up.payment_method, amount_minor, card_currency, top_up.gateway_key
+                top_up.payment_method,
+                conversion.charge_amount_minor,
+                card_currency,
+                top_up.gateway_key,
             )
         except GatewayUnavailable as exc:
             log.warning("top-up %d: gateway unavailable (%s)", top_up.top_up_id, exc)
@@ -244,13 +276,22 @@ class TopUps:
                 conn,
                 top_up,
                 charge.charge_id,
-                top_up.amount_micros,
+                conversion,
                 description,
                 line,
                 amount_minor,
             )
             await self._accounts.apply_recorded_credit(conn, credit)
         return await self._store.get(top_up.top_up_id)
+
+    async def _convert(self, top_up: TopUpRow, card_currency: str) -> Conversion | None:
+        """The day's conversion of a top-up (P6), or None when a rate is missing."""
+        day, currency = top_up.local_day, top_up.currency
+        usd_rate = await self.rates.rate(day, currency, "USD")
+        card_rate = await self.rates.rate(day, currency, card_currency)
+        if usd_rate is None or card_rate is None:
+            return None
+        return convert(top_up.amount_micros, currency, card_currency, usd_rate, card_rate)
 
     async def list_top_ups(self, account_id: str) -> list[TopUpRow]:
         validation.check_id("account_id", account_id)

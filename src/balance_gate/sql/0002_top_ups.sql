@@ -23,6 +23,10 @@ CREATE TABLE auto_top_up (
     consecutive_failures  integer NOT NULL DEFAULT 0,
     last_decline_reason   text,
     last_stop_reason      text,
+    -- The threshold in micro-USD that the debit scripts compare the balance with,
+    -- converted at the latest known rate when the settings were saved (P6); the
+    -- worker decides with the day's rate.
+    trigger_threshold_usd_micros bigint NOT NULL,
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
 
@@ -40,6 +44,11 @@ CREATE TABLE top_ups (
     threshold_micros   bigint,
     -- The account's local day and month when the top-up was created (caps).
     local_day          date NOT NULL,
+    -- P6: what the card was charged, and the day's rates used (decimal, exact).
+    charge_currency    text,
+    charge_amount_minor bigint,
+    usd_rate           numeric,
+    card_rate          numeric,
     gateway_charge_id  text,
     decline_reason     text,
     credit_id          bigint REFERENCES credits,
@@ -82,4 +91,13 @@ CREATE TABLE sandbox_charges (
     succeeded        boolean NOT NULL,
     decline_code     text,
     created_at       timestamptz NOT NULL DEFAULT now()
+);
+
+-- Daily FX rates (P6): 1 base = rate quote on rate_date.
+CREATE TABLE fx_rates (
+    rate_date  date NOT NULL,
+    base       text NOT NULL CHECK (base ~ '^[A-Z]{3}$'),
+    quote      text NOT NULL CHECK (quote ~ '^[A-Z]{3}$' AND quote <> base),
+    rate       numeric NOT NULL CHECK (rate > 0),
+    PRIMARY KEY (rate_date, base, quote)
 );

@@ -395,6 +395,8 @@ class TopUpRecord(_message.Message):
     DECLINE_REASON_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    CHARGE_CURRENCY_FIELD_NUMBER: _builtins.int
+    CHARGE_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     top_up_id: _builtins.int
     account_id: _builtins.str
     kind: _builtins.str
@@ -409,6 +411,9 @@ class TopUpRecord(_message.Message):
     """Masked: only the token's last characters."""
     decline_reason: _builtins.str
     invoice_number: _builtins.int
+    charge_currency: _builtins.str
+    """What the card was charged (P6), in its currency's minor units."""
+    charge_amount_minor: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -425,10 +430,12 @@ class TopUpRecord(_message.Message):
         decline_reason: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         invoice_number: _builtins.int = ...,
+        charge_currency: _builtins.str = ...,
+        charge_amount_minor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "decline_reason", b"decline_reason", "invoice_number", b"invoice_number", "kind", b"kind", "payment_method", b"payment_method", "status", b"status", "top_up_id", b"top_up_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "charge_amount_minor", b"charge_amount_minor", "charge_currency", b"charge_currency", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "decline_reason", b"decline_reason", "invoice_number", b"invoice_number", "kind", b"kind", "payment_method", b"payment_method", "status", b"status", "top_up_id", b"top_up_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,3 +559,71 @@ class ListInvoicesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInvoicesResponse: _TypeAlias = ListInvoicesResponse  # noqa: Y015
+
+@_typing.final
+class SetFxRatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RatesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DATE_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    RATES_FIELD_NUMBER: _builtins.int
+    date: _builtins.str
+    """YYYY-MM-DD: the day these rates apply to."""
+    base: _builtins.str
+    @_builtins.property
+    def rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Quote currency -> decimal rate as a string (never a float), e.g. {"USD": "1.0842"}."""
+
+    def __init__(
+        self,
+        *,
+        date: _builtins.str = ...,
+        base: _builtins.str = ...,
+        rates: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "date", b"date", "rates", b"rates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFxRatesRequest: _TypeAlias = SetFxRatesRequest  # noqa: Y015
+
+@_typing.final
+class SetFxRatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    stored: _builtins.int
+    def __init__(
+        self,
+        *,
+        stored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFxRatesResponse: _TypeAlias = SetFxRatesResponse  # noqa: Y015

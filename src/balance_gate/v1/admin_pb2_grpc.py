@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
                 _registered_method=True)
+        self.SetFxRates = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetFxRates',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetFxRatesRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetFxRatesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -158,6 +163,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFxRates(self, request, context):
+        """One day's FX rates from a base currency (P6): 1 base = rate quote.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -210,6 +222,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListInvoices,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.SerializeToString,
+            ),
+            'SetFxRates': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFxRates,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetFxRatesRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.SetFxRatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -482,6 +499,33 @@ class Admin:
             '/balance_gate.v1.Admin/ListInvoices',
             balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFxRates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetFxRates',
+            balance__gate_dot_v1_dot_admin__pb2.SetFxRatesRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.SetFxRatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

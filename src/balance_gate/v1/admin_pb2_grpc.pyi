@@ -55,6 +55,8 @@ class AdminStub:
     """
     ListTopUps: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
+    SetFxRates: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetFxRatesRequest, _admin_pb2.SetFxRatesResponse]
+    """One day's FX rates from a base currency (P6): 1 base = rate quote."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -81,6 +83,8 @@ class AdminAsyncStub(AdminStub):
     """
     ListTopUps: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]  # type: ignore[assignment]
     ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
+    SetFxRates: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetFxRatesRequest, _admin_pb2.SetFxRatesResponse]  # type: ignore[assignment]
+    """One day's FX rates from a base currency (P6): 1 base = rate quote."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -164,5 +168,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListInvoicesResponse, _abc.Awaitable[_admin_pb2.ListInvoicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetFxRates(
+        self,
+        request: _admin_pb2.SetFxRatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetFxRatesResponse, _abc.Awaitable[_admin_pb2.SetFxRatesResponse]]:
+        """One day's FX rates from a base currency (P6): 1 base = rate quote."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
