@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
+from balance_gate.emails import EmailSender, SmtpConfig
 from balance_gate.flusher import UsageFlusher
 from balance_gate.fx import FxRates
 from balance_gate.gate import Gate
@@ -34,6 +35,19 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def smtp_config(settings: Settings) -> SmtpConfig | None:
+    if not settings.smtp_host:
+        return None
+    return SmtpConfig(
+        host=settings.smtp_host,
+        port=settings.smtp_port,
+        sender=settings.smtp_from,
+        username=settings.smtp_username or None,
+        password=settings.smtp_password.get_secret_value() or None,
+        starttls=settings.smtp_starttls,
+    )
+
+
 async def postgres_pool(settings: Settings) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         settings.database_url.get_secret_value(),
@@ -57,6 +71,7 @@ class App:
     flusher: UsageFlusher
     topups: TopUps
     top_up_worker: TopUpWorker
+    emails: EmailSender
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -91,7 +106,8 @@ class App:
             retry_interval_s=settings.top_up_retry_interval_ms / 1000,
             concurrency=settings.top_up_concurrency,
         )
-        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker)
+        emails = EmailSender(pool, smtp_config(settings))
+        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker, emails)
 
     async def close(self) -> None:
         # We built the pool, so closing the client must close it too.

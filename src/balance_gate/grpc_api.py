@@ -308,3 +308,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             raise errors.InvalidArgument("rates", "must not be empty")
         stored = await self._topups.rates.set_rates(day, request.base, rates)
         return admin_pb2.SetFxRatesResponse(stored=stored)
+
+    @rpc
+    async def SetBillingEmail(
+        self, request: admin_pb2.SetBillingEmailRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._topups.set_billing_email(request.account_id, request.email)
+        return await self._full_account(await self._accounts.get(request.account_id))

@@ -75,6 +75,12 @@ TOP_UP_SECONDS = Histogram(
     "Time to handle one auto top-up trigger, charge included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+EMAILS = Counter(
+    "balance_gate_emails", "Customer emails by delivery result: sent, failed (retried).", ["result"]
+)
+EMAIL_BACKLOG = Gauge(
+    "balance_gate_email_outbox_backlog", "Customer emails written and not yet delivered."
+)
 CREDITS_REAPPLIED = Counter(
     "balance_gate_credits_reapplied",
     "Credits found committed in Postgres but not confirmed in Redis, and applied by the sweeper.",

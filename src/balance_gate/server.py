@@ -103,6 +103,7 @@ class Sidecar:
             asyncio.create_task(
                 self.app.top_up_worker.run(self._stop_background), name="top-up-worker"
             ),
+            asyncio.create_task(self.app.emails.run(self._stop_background), name="email-sender"),
         ]
         await self._gate.start()
         await self._admin.start()

@@ -107,6 +107,19 @@ class Settings(BaseSettings):
     top_up_concurrency: int = Field(
         default=16, ge=1, le=1_000, description="Top-up triggers handled at once per sidecar."
     )
+    smtp_host: str = Field(
+        default="",
+        description="SMTP server for customer emails (P8); empty: emails wait in the outbox.",
+    )
+    smtp_port: int = Field(default=587, ge=1, le=65_535, description="SMTP port.")
+    smtp_from: str = Field(
+        default="billing@localhost", description="From address of customer emails."
+    )
+    smtp_username: str = Field(default="", description="SMTP user; empty: no login.")
+    smtp_password: SecretStr = Field(default=SecretStr(""), description="SMTP password.")
+    smtp_starttls: bool = Field(
+        default=True, description="Upgrade the SMTP connection with STARTTLS."
+    )
     not_found_cache_ms: int = Field(
         default=2_000,
         ge=0,

@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from balance_gate import emails
 from balance_gate.constants import MAX_SAFE_MICROS
 from balance_gate.errors import FailedPrecondition, NotFound
 from balance_gate.fx import Conversion
@@ -132,6 +133,15 @@ class TopUpStore:
         if row is None:
             raise NotFound(f"account {account_id!r} not found")
         return Billing(**dict(row))
+
+    async def set_billing_email(self, account_id: str, email: str) -> None:
+        done = await self._pool.execute(
+            "UPDATE accounts SET billing_email = $2, updated_at = now() WHERE account_id = $1",
+            account_id,
+            email,
+        )
+        if done == "UPDATE 0":
+            raise NotFound(f"account {account_id!r} not found")
 
     async def set_payment_methods(self, account_id: str, primary: str, backup: str | None) -> None:
         done = await self._pool.execute(
@@ -284,7 +294,8 @@ class TopUpStore:
         return None, _top_up(stored)
 
     async def record_auto_outcome(self, account_id: str, decline_reason: str | None) -> bool:
-        """Count consecutive failures (P11/P12); True when auto top-up is now paused."""
+        """Count consecutive failures (P11/P12) and queue the customer's email (P8) in
+        the same transaction; True when auto top-up is now paused."""
         async with self._pool.acquire() as conn, conn.transaction():
             if decline_reason is None:
                 await conn.execute(
@@ -305,14 +316,17 @@ class TopUpStore:
             if row is None:
                 return False
             cards = 2 if row["backup_payment_method"] else 1
-            if row["consecutive_failures"] < cards * FAILURES_PER_CARD:
-                return False
-            await conn.execute(
-                """UPDATE auto_top_up SET paused = true, last_stop_reason = 'paused'
-                   WHERE account_id = $1""",
-                account_id,
-            )
-            return True
+            paused: bool = row["consecutive_failures"] >= cards * FAILURES_PER_CARD
+            if paused:
+                await conn.execute(
+                    """UPDATE auto_top_up SET paused = true, last_stop_reason = 'paused'
+                       WHERE account_id = $1""",
+                    account_id,
+                )
+            subject, body = emails.top_up_failed(account_id, decline_reason, paused)
+            kind = "auto_top_up_paused" if paused else "top_up_failed"
+            await emails.queue_email(conn, account_id, kind, subject, body)
+            return paused
 
     async def stale_pending(self, older_than_s: float, limit: int = 100) -> list[TopUpRow]:
         rows = await self._pool.fetch(

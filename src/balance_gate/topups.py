@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable
 from decimal import ROUND_CEILING, ROUND_FLOOR
 from zoneinfo import ZoneInfo
@@ -35,6 +36,9 @@ from balance_gate.top_up_store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Deliberately simple: one @, no spaces or control characters, a dot in the domain.
+_EMAIL = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+")
 
 # A top-up whose day has no FX rate it needs fails clearly, never guesses (P6).
 FX_RATE_MISSING = "fx_rate_missing"
@@ -72,6 +76,12 @@ class TopUps:
         if backup:
             validation.check_id("backup", backup)
         await self._store.set_payment_methods(account_id, primary, backup or None)
+
+    async def set_billing_email(self, account_id: str, email: str) -> None:
+        validation.check_id("account_id", account_id)
+        if not _EMAIL.fullmatch(email):
+            raise InvalidArgument("email", "must be an email address like name@example.com")
+        await self._store.set_billing_email(account_id, email)
 
     async def set_auto_top_up(
         self,

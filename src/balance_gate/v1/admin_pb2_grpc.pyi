@@ -45,6 +45,8 @@ class AdminStub:
     """Payment-method tokens (never card numbers); backup is optional. A card's
     currency is what the gateway reports for its token.
     """
+    SetBillingEmail: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]
+    """Where failure emails go (P8)."""
     SetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]
     """Auto top-up (P3, P5, O1): a daily cap is required to enable it."""
     ResumeAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResumeAutoTopUpRequest, _admin_pb2.Account]
@@ -73,6 +75,8 @@ class AdminAsyncStub(AdminStub):
     """Payment-method tokens (never card numbers); backup is optional. A card's
     currency is what the gateway reports for its token.
     """
+    SetBillingEmail: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Where failure emails go (P8)."""
     SetAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Auto top-up (P3, P5, O1): a daily cap is required to enable it."""
     ResumeAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResumeAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
@@ -128,6 +132,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Payment-method tokens (never card numbers); backup is optional. A card's
         currency is what the gateway reports for its token.
         """
+
+    @_abc_1.abstractmethod
+    def SetBillingEmail(
+        self,
+        request: _admin_pb2.SetBillingEmailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Where failure emails go (P8)."""
 
     @_abc_1.abstractmethod
     def SetAutoTopUp(
