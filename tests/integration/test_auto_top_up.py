@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from decimal import Decimal
 
 import redis.asyncio as aioredis
 
 from balance_gate.app import App
+from balance_gate.fx import convert
+from balance_gate.keys import shard_of
 from balance_gate.settings import Settings
 from balance_gate.top_up_store import TopUpRow
 from tests.helpers import USD, fund, rid
@@ -240,3 +243,49 @@ async def test_a_crash_between_charge_and_credit_is_resolved_with_one_charge(app
     assert await _charges(app, "crash") == 1
     assert await _balance(app, "crash") == 24 * USD
     assert len(await app.topups.list_invoices("crash")) == 1
+
+
+async def _planned(app: App, account_id: str) -> TopUpRow:
+    """Raise a trigger and plan its top-up, as the worker does before it charges."""
+    await _with_auto_top_up(app, account_id)
+    await app.gate.authorize(account_id, rid(), 6 * USD, "")
+    hot = await app.hot.read_account(account_id)
+    assert hot is not None
+    plan = await app.topups._store.plan_auto(account_id, hot.balance_micros, app.topups.clock())
+    assert plan.top_up is not None
+    return plan.top_up
+
+
+async def test_a_crash_after_planning_before_the_charge_charges_once(app: App) -> None:
+    await _planned(app, "crash-1")
+    assert await _charges(app, "crash-1") == 0
+    assert await app.topups.resolve_stale(0, RETRY_NOW) == 1
+    assert (await _charges(app, "crash-1"), await _balance(app, "crash-1")) == (1, 24 * USD)
+    # The trigger itself is redelivered too: it finds the dip already covered.
+    assert await app.topups.auto("crash-1", RETRY_NOW) == "above_threshold"
+    assert await _charges(app, "crash-1") == 1
+
+
+async def test_a_crash_after_the_ledger_commit_before_redis_credits_once(app: App) -> None:
+    top_up = await _planned(app, "crash-3")
+    charge = await app.topups._gateway.charge("pm_card_visa", 2_000, "USD", top_up.gateway_key)
+    conversion = convert(top_up.amount_micros, "USD", "USD", Decimal(1), Decimal(1))
+    async with app.pg.shard_lock([shard_of("crash-3")], exclusive=False) as conn:
+        await app.topups._store.succeed(
+            conn, top_up, charge.charge_id, conversion, "Top-up — auto", "line", 2_000
+        )
+    # Died here: the ledger has the credit, Redis does not yet.
+    assert await _balance(app, "crash-3") == 4 * USD
+    assert await app.topups.resolve_stale(0, RETRY_NOW) == 0  # nothing pending
+    assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 1
+    assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 0
+    assert (await _charges(app, "crash-3"), await _balance(app, "crash-3")) == (1, 24 * USD)
+
+
+async def test_after_a_complete_top_up_recovery_changes_nothing(app: App) -> None:
+    await _with_auto_top_up(app, "crash-4")
+    await app.gate.authorize("crash-4", rid(), 6 * USD, "")
+    assert await _run_triggers(app) == 1
+    assert await app.topups.resolve_stale(0, RETRY_NOW) == 0
+    assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 0
+    assert (await _charges(app, "crash-4"), await _balance(app, "crash-4")) == (1, 24 * USD)
