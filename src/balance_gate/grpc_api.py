@@ -136,6 +136,7 @@ def _auto_top_up(row: AutoTopUpRow | None) -> admin_pb2.AutoTopUp | None:
         consecutive_failures=row.consecutive_failures,
         last_decline_reason=row.last_decline_reason or "",
         last_stop_reason=row.last_stop_reason or "",
+        target_balance_micros=row.target_balance_micros or 0,
     )
 
 
@@ -262,6 +263,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             request.amount_micros,
             request.daily_cap_micros,
             request.monthly_cap_micros,
+            request.target_balance_micros,
         )
         return await self._full_account(await self._accounts.get(request.account_id))
 
@@ -315,3 +317,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.Account:
         await self._topups.set_billing_email(request.account_id, request.email)
         return await self._full_account(await self._accounts.get(request.account_id))
+
+    @rpc
+    async def MonthlyReport(
+        self, request: admin_pb2.MonthlyReportRequest, context: Context
+    ) -> admin_pb2.MonthlyReportResponse:
+        report = await self._topups.monthly_report(request.account_id, request.month)
+        return admin_pb2.MonthlyReportResponse(
+            account_id=request.account_id,
+            month=request.month,
+            currency=report.currency,
+            top_ups_succeeded=report.top_ups_succeeded,
+            top_ups_failed=report.top_ups_failed,
+            top_ups_micros=report.top_ups_micros,
+            top_ups_credited_micros=report.top_ups_credited_micros,
+            invoices=report.invoices,
+            invoiced_minor=report.invoiced_minor,
+            usage_micros=report.usage_micros,
+            adjustments_micros=report.adjustments_micros,
+        )

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from balance_gate import emails
+from balance_gate import emails, money
 from balance_gate.constants import MAX_SAFE_MICROS
 from balance_gate.errors import FailedPrecondition, NotFound
 from balance_gate.fx import Conversion
@@ -38,6 +38,7 @@ class AutoTopUpRow:
     last_decline_reason: str | None
     last_stop_reason: str | None
     trigger_threshold_usd_micros: int
+    target_balance_micros: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,20 @@ class Charged:
 # Consecutive failures before the backup card is tried (P12) and before a
 # card is given up on (P11).
 FAILURES_PER_CARD = 3
+
+
+@dataclass(frozen=True, slots=True)
+class MonthlyReport:
+    month: dt.date
+    currency: str
+    top_ups_succeeded: int
+    top_ups_failed: int
+    top_ups_micros: int
+    top_ups_credited_micros: int
+    invoices: int
+    invoiced_minor: int
+    usage_micros: int
+    adjustments_micros: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +174,7 @@ class TopUpStore:
         row = await self._pool.fetchrow(
             """SELECT enabled, threshold_micros, amount_micros, daily_cap_micros,
                       monthly_cap_micros, paused, consecutive_failures, last_decline_reason,
-                      last_stop_reason, trigger_threshold_usd_micros
+                      last_stop_reason, trigger_threshold_usd_micros, target_balance_micros
                FROM auto_top_up WHERE account_id = $1""",
             account_id,
         )
@@ -175,16 +190,18 @@ class TopUpStore:
         daily_cap_micros: int,
         monthly_cap_micros: int | None,
         trigger_threshold_usd_micros: int,
+        target_balance_micros: int | None = None,
     ) -> None:
         await conn.execute(
             """INSERT INTO auto_top_up (account_id, enabled, threshold_micros, amount_micros,
                                         daily_cap_micros, monthly_cap_micros,
-                                        trigger_threshold_usd_micros)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                        trigger_threshold_usd_micros, target_balance_micros)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                ON CONFLICT (account_id) DO UPDATE SET
                    enabled = $2, threshold_micros = $3, amount_micros = $4,
                    daily_cap_micros = $5, monthly_cap_micros = $6,
-                   trigger_threshold_usd_micros = $7, updated_at = now()""",
+                   trigger_threshold_usd_micros = $7, target_balance_micros = $8,
+                   updated_at = now()""",
             account_id,
             enabled,
             threshold_micros,
@@ -192,6 +209,7 @@ class TopUpStore:
             daily_cap_micros,
             monthly_cap_micros,
             trigger_threshold_usd_micros,
+            target_balance_micros,
         )
 
     async def record_stop(self, account_id: str, reason: str) -> None:
@@ -235,7 +253,7 @@ class TopUpStore:
                 """SELECT a.currency, a.time_zone, a.primary_payment_method,
                           a.backup_payment_method, t.enabled, t.paused, t.threshold_micros,
                           t.amount_micros, t.daily_cap_micros, t.monthly_cap_micros,
-                          t.consecutive_failures
+                          t.consecutive_failures, t.target_balance_micros
                    FROM accounts a JOIN auto_top_up t USING (account_id)
                    WHERE a.account_id = $1 FOR UPDATE OF t""",
                 account_id,
@@ -269,21 +287,26 @@ class TopUpStore:
         covered = balance_micros + charged.pending_micros
         if covered > threshold:
             return ("pending_covers" if charged.pending_micros else "above_threshold"), None
-        count = (threshold - covered) // amount + 1
-        count = min(count, (row["daily_cap_micros"] - charged.today_micros) // amount)
-        if count <= 0:
-            return "daily_cap", None
-        if row["monthly_cap_micros"] is not None:
-            count = min(count, (row["monthly_cap_micros"] - charged.month_micros) // amount)
-            if count <= 0:
-                return "monthly_cap", None
+        day_room = row["daily_cap_micros"] - charged.today_micros
+        month_room = (row["monthly_cap_micros"] or MAX_SAFE_MICROS) - charged.month_micros
+        step = money.micros_per_minor(row["currency"])
+        if row["target_balance_micros"] is not None:
+            # Top up to the target, in whole minor units, within both caps.
+            wanted = -(-(row["target_balance_micros"] - covered) // step) * step
+            charge = min(wanted, day_room // step * step, month_room // step * step)
+        else:
+            # The fewest whole amounts that lift the balance over the threshold.
+            count = (threshold - covered) // amount + 1
+            charge = min(count, day_room // amount, month_room // amount) * amount
+        if charge <= 0:
+            return ("daily_cap" if day_room <= month_room else "monthly_cap"), None
         top_up_id = await conn.fetchval(
             """INSERT INTO top_ups (account_id, kind, idempotency_key, status, amount_micros,
                                     currency, payment_method, threshold_micros, local_day)
                VALUES ($1, 'auto', $2, 'pending', $3, $4, $5, $6, $7) RETURNING top_up_id""",
             account_id,
             f"auto-{uuid.uuid4().hex}",
-            count * amount,
+            charge,
             row["currency"],
             method,
             threshold,
@@ -459,6 +482,42 @@ class TopUpStore:
             _TOP_UP_SELECT + " WHERE t.account_id = $1 ORDER BY t.top_up_id", account_id
         )
         return [_top_up(r) for r in rows]
+
+    async def monthly_report(
+        self, account_id: str, first_day: dt.date, billing: Billing
+    ) -> MonthlyReport:
+        """Sums of one month in the account's time zone (days for top-ups, instants for
+        usage, invoices and adjustments)."""
+        next_first = (first_day + dt.timedelta(days=32)).replace(day=1)
+        row = await self._pool.fetchrow(
+            """WITH bounds AS (
+                   SELECT ($2::date::timestamp AT TIME ZONE $4) AS since,
+                          ($3::date::timestamp AT TIME ZONE $4) AS until)
+               SELECT
+                 (SELECT count(*) FILTER (WHERE status = 'succeeded') FROM top_ups
+                   WHERE account_id = $1 AND local_day >= $2 AND local_day < $3)::int,
+                 (SELECT count(*) FILTER (WHERE status = 'failed') FROM top_ups
+                   WHERE account_id = $1 AND local_day >= $2 AND local_day < $3)::int,
+                 (SELECT coalesce(sum(amount_micros), 0) FROM top_ups WHERE status = 'succeeded'
+                   AND account_id = $1 AND local_day >= $2 AND local_day < $3)::bigint,
+                 (SELECT coalesce(sum(credited_micros), 0) FROM top_ups WHERE status = 'succeeded'
+                   AND account_id = $1 AND local_day >= $2 AND local_day < $3)::bigint,
+                 (SELECT count(*) FROM invoices, bounds WHERE account_id = $1
+                   AND issued_at >= since AND issued_at < until)::int,
+                 (SELECT coalesce(sum(amount_minor), 0) FROM invoices, bounds WHERE account_id = $1
+                   AND issued_at >= since AND issued_at < until)::bigint,
+                 (SELECT coalesce(sum(amount_micros), 0) FROM usage_events, bounds
+                   WHERE account_id = $1 AND occurred_at >= since AND occurred_at < until)::bigint,
+                 (SELECT coalesce(sum(amount_micros), 0) FROM credits, bounds
+                   WHERE account_id = $1 AND kind = 'adjustment'
+                     AND created_at >= since AND created_at < until)::bigint""",
+            account_id,
+            first_day,
+            next_first,
+            billing.time_zone,
+        )
+        assert row is not None
+        return MonthlyReport(first_day, billing.currency, *row)
 
     async def list_invoices(self, account_id: str) -> list[InvoiceRow]:
         rows = await self._pool.fetch(

@@ -31,6 +31,7 @@ from balance_gate.top_up_store import (
     Billing,
     Charged,
     InvoiceRow,
+    MonthlyReport,
     TopUpRow,
     TopUpStore,
 )
@@ -91,8 +92,15 @@ class TopUps:
         amount_micros: int,
         daily_cap_micros: int,
         monthly_cap_micros: int,
+        target_balance_micros: int = 0,
     ) -> None:
         validation.check_id("account_id", account_id)
+        if target_balance_micros and not (
+            threshold_micros < target_balance_micros <= MAX_CREDIT_MICROS
+        ):
+            raise InvalidArgument(
+                "target_balance_micros", "must be 0 (fixed amounts) or above threshold_micros"
+            )
         billing = await self._store.billing(account_id)
         _check_auto_top_up(
             enabled, threshold_micros, amount_micros, daily_cap_micros, monthly_cap_micros
@@ -109,6 +117,7 @@ class TopUps:
                 daily_cap_micros,
                 monthly_cap_micros or None,
                 trigger_usd,
+                target_balance_micros or None,
             )
             settings = await self._store.auto_top_up(account_id)
             assert settings is not None
@@ -302,6 +311,16 @@ class TopUps:
         if usd_rate is None or card_rate is None:
             return None
         return convert(top_up.amount_micros, currency, card_currency, usd_rate, card_rate)
+
+    async def monthly_report(self, account_id: str, month: str) -> MonthlyReport:
+        """P15: a month of top-ups, invoices and usage, summed for finance."""
+        validation.check_id("account_id", account_id)
+        try:
+            first = dt.date.fromisoformat(f"{month}-01")
+        except ValueError:
+            raise InvalidArgument("month", f"{month!r} is not a YYYY-MM month") from None
+        billing = await self._store.billing(account_id)
+        return await self._store.monthly_report(account_id, first, billing)
 
     async def list_top_ups(self, account_id: str) -> list[TopUpRow]:
         validation.check_id("account_id", account_id)

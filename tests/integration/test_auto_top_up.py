@@ -289,3 +289,37 @@ async def test_after_a_complete_top_up_recovery_changes_nothing(app: App) -> Non
     assert await app.topups.resolve_stale(0, RETRY_NOW) == 0
     assert await app.accounts.sweep_unapplied_credits(older_than_s=0) == 0
     assert (await _charges(app, "crash-4"), await _balance(app, "crash-4")) == (1, 24 * USD)
+
+
+async def test_target_mode_tops_up_to_the_target_balance_within_the_cap(app: App) -> None:
+    await _with_auto_top_up(app, "target", balance=10 * USD, daily_cap=30 * USD)
+    await app.topups.set_auto_top_up("target", True, 5 * USD, 20 * USD, 30 * USD, 0, 50 * USD)
+    await app.gate.authorize("target", rid(), 7_250_000, "")  # $2.75 left
+    assert await app.topups.auto("target", RETRY_NOW) == "succeeded"
+    # $47.25 would reach the target; the $30 daily cap allows $30.00.
+    [top_up] = await _top_ups(app, "target")
+    assert top_up.amount_micros == 30 * USD
+    assert await _balance(app, "target") == 32_750_000
+
+    await app.topups.set_auto_top_up("target", True, 5 * USD, 20 * USD, 100 * USD, 0, 50 * USD)
+    await app.gate.authorize("target", rid(), 30 * USD, "")  # $2.75 left again
+    assert await app.topups.auto("target", RETRY_NOW) == "succeeded"
+    assert await _balance(app, "target") == 50 * USD  # exactly the target: $47.25 charged
+
+
+async def test_p15_monthly_report_sums_top_ups_invoices_and_usage(app: App) -> None:
+    await _with_auto_top_up(app, "report")
+    await app.gate.authorize("report", rid(), 6 * USD, "")
+    assert await _run_triggers(app) == 1
+    await app.topups.set_payment_methods("report", "pm_card_declined", "")
+    await app.topups.manual("report", 5 * USD, rid())
+    await app.flusher.drain()
+    month = app.topups.clock().strftime("%Y-%m")
+    report = await app.topups.monthly_report("report", month)
+    assert (report.top_ups_succeeded, report.top_ups_failed) == (1, 1)
+    assert (report.top_ups_micros, report.top_ups_credited_micros) == (20 * USD, 20 * USD)
+    assert (report.invoices, report.invoiced_minor) == (1, 2_000)
+    assert report.usage_micros == 6 * USD
+    assert report.adjustments_micros == 10 * USD  # the test funding
+    empty = await app.topups.monthly_report("report", "2020-01")
+    assert (empty.top_ups_succeeded, empty.usage_micros, empty.invoices) == (0, 0, 0)

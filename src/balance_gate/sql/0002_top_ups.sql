@@ -19,6 +19,8 @@ CREATE TABLE auto_top_up (
     -- P5: no enabled auto top-up without a daily cap of at least one amount.
     daily_cap_micros      bigint NOT NULL CHECK (daily_cap_micros >= amount_micros OR NOT enabled),
     monthly_cap_micros    bigint CHECK (monthly_cap_micros >= amount_micros),
+    -- Optional mode: top up *to* this balance instead of by whole amounts.
+    target_balance_micros bigint CHECK (target_balance_micros > threshold_micros),
     paused                boolean NOT NULL DEFAULT false,
     consecutive_failures  integer NOT NULL DEFAULT 0,
     last_decline_reason   text,

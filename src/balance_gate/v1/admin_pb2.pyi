@@ -136,6 +136,7 @@ class AutoTopUp(_message.Message):
     CHARGED_THIS_MONTH_MICROS_FIELD_NUMBER: _builtins.int
     DAILY_CAP_REACHED_FIELD_NUMBER: _builtins.int
     LAST_STOP_REASON_FIELD_NUMBER: _builtins.int
+    TARGET_BALANCE_MICROS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     threshold_micros: _builtins.int
     amount_micros: _builtins.int
@@ -152,6 +153,8 @@ class AutoTopUp(_message.Message):
     """Why the last trigger charged nothing (daily_cap, monthly_cap, paused,
     disabled, pending_covers, retry_wait, no_payment_method), or "".
     """
+    target_balance_micros: _builtins.int
+    """0 in the fixed-amount mode."""
     def __init__(
         self,
         *,
@@ -167,10 +170,11 @@ class AutoTopUp(_message.Message):
         charged_this_month_micros: _builtins.int = ...,
         daily_cap_reached: _builtins.bool = ...,
         last_stop_reason: _builtins.str = ...,
+        target_balance_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "charged_this_month_micros", b"charged_this_month_micros", "charged_today_micros", b"charged_today_micros", "consecutive_failures", b"consecutive_failures", "daily_cap_micros", b"daily_cap_micros", "daily_cap_reached", b"daily_cap_reached", "enabled", b"enabled", "last_decline_reason", b"last_decline_reason", "last_stop_reason", b"last_stop_reason", "monthly_cap_micros", b"monthly_cap_micros", "paused", b"paused", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "charged_this_month_micros", b"charged_this_month_micros", "charged_today_micros", b"charged_today_micros", "consecutive_failures", b"consecutive_failures", "daily_cap_micros", b"daily_cap_micros", "daily_cap_reached", b"daily_cap_reached", "enabled", b"enabled", "last_decline_reason", b"last_decline_reason", "last_stop_reason", b"last_stop_reason", "monthly_cap_micros", b"monthly_cap_micros", "paused", b"paused", "target_balance_micros", b"target_balance_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,6 +311,7 @@ class SetAutoTopUpRequest(_message.Message):
     AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
     DAILY_CAP_MICROS_FIELD_NUMBER: _builtins.int
     MONTHLY_CAP_MICROS_FIELD_NUMBER: _builtins.int
+    TARGET_BALANCE_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     enabled: _builtins.bool
     threshold_micros: _builtins.int
@@ -317,6 +322,11 @@ class SetAutoTopUpRequest(_message.Message):
     """Required when enabled (P5); at least one top-up amount."""
     monthly_cap_micros: _builtins.int
     """0: none (O1); otherwise at least one top-up amount."""
+    target_balance_micros: _builtins.int
+    """Optional: top up to this balance (above the threshold) instead of by
+    whole amounts; 0 keeps the fixed-amount mode. amount_micros still sets the
+    smallest sensible cap.
+    """
     def __init__(
         self,
         *,
@@ -326,10 +336,11 @@ class SetAutoTopUpRequest(_message.Message):
         amount_micros: _builtins.int = ...,
         daily_cap_micros: _builtins.int = ...,
         monthly_cap_micros: _builtins.int = ...,
+        target_balance_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "daily_cap_micros", b"daily_cap_micros", "enabled", b"enabled", "monthly_cap_micros", b"monthly_cap_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "daily_cap_micros", b"daily_cap_micros", "enabled", b"enabled", "monthly_cap_micros", b"monthly_cap_micros", "target_balance_micros", b"target_balance_micros", "threshold_micros", b"threshold_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -649,3 +660,85 @@ class SetBillingEmailRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetBillingEmailRequest: _TypeAlias = SetBillingEmailRequest  # noqa: Y015
+
+@_typing.final
+class MonthlyReportRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    month: _builtins.str
+    """YYYY-MM, in the account's time zone."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "month", b"month"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthlyReportRequest: _TypeAlias = MonthlyReportRequest  # noqa: Y015
+
+@_typing.final
+class MonthlyReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    MONTH_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    TOP_UPS_SUCCEEDED_FIELD_NUMBER: _builtins.int
+    TOP_UPS_FAILED_FIELD_NUMBER: _builtins.int
+    TOP_UPS_MICROS_FIELD_NUMBER: _builtins.int
+    TOP_UPS_CREDITED_MICROS_FIELD_NUMBER: _builtins.int
+    INVOICES_FIELD_NUMBER: _builtins.int
+    INVOICED_MINOR_FIELD_NUMBER: _builtins.int
+    USAGE_MICROS_FIELD_NUMBER: _builtins.int
+    ADJUSTMENTS_MICROS_FIELD_NUMBER: _builtins.int
+    REFUNDS_MICROS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    month: _builtins.str
+    currency: _builtins.str
+    """Default currency of the account: the currency of top-up and invoice sums."""
+    top_ups_succeeded: _builtins.int
+    top_ups_failed: _builtins.int
+    top_ups_micros: _builtins.int
+    """Sum of succeeded top-ups, micro-units of the default currency."""
+    top_ups_credited_micros: _builtins.int
+    """Micro-USD those top-ups added to the balance."""
+    invoices: _builtins.int
+    invoiced_minor: _builtins.int
+    """Sum of the invoices, minor units of the default currency."""
+    usage_micros: _builtins.int
+    """Usage recorded in the month, micro-USD."""
+    adjustments_micros: _builtins.int
+    """Operator adjustments (Credit), micro-USD."""
+    refunds_micros: _builtins.int
+    """Refunds (credit notes) come with refunds of unconsumed credit."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        month: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        top_ups_succeeded: _builtins.int = ...,
+        top_ups_failed: _builtins.int = ...,
+        top_ups_micros: _builtins.int = ...,
+        top_ups_credited_micros: _builtins.int = ...,
+        invoices: _builtins.int = ...,
+        invoiced_minor: _builtins.int = ...,
+        usage_micros: _builtins.int = ...,
+        adjustments_micros: _builtins.int = ...,
+        refunds_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjustments_micros", b"adjustments_micros", "currency", b"currency", "invoiced_minor", b"invoiced_minor", "invoices", b"invoices", "month", b"month", "refunds_micros", b"refunds_micros", "top_ups_credited_micros", b"top_ups_credited_micros", "top_ups_failed", b"top_ups_failed", "top_ups_micros", b"top_ups_micros", "top_ups_succeeded", b"top_ups_succeeded", "usage_micros", b"usage_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MonthlyReportResponse: _TypeAlias = MonthlyReportResponse  # noqa: Y015

@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
                 _registered_method=True)
+        self.MonthlyReport = channel.unary_unary(
+                '/balance_gate.v1.Admin/MonthlyReport',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.MonthlyReportRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.MonthlyReportResponse.FromString,
+                _registered_method=True)
         self.SetFxRates = channel.unary_unary(
                 '/balance_gate.v1.Admin/SetFxRates',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetFxRatesRequest.SerializeToString,
@@ -175,6 +180,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MonthlyReport(self, request, context):
+        """Top-ups, invoices and usage of one month, summed for finance (P15).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetFxRates(self, request, context):
         """One day's FX rates from a base currency (P6): 1 base = rate quote.
         """
@@ -239,6 +251,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListInvoices,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.SerializeToString,
+            ),
+            'MonthlyReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.MonthlyReport,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.MonthlyReportRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.MonthlyReportResponse.SerializeToString,
             ),
             'SetFxRates': grpc.unary_unary_rpc_method_handler(
                     servicer.SetFxRates,
@@ -543,6 +560,33 @@ class Admin:
             '/balance_gate.v1.Admin/ListInvoices',
             balance__gate_dot_v1_dot_admin__pb2.ListInvoicesRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.ListInvoicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MonthlyReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/MonthlyReport',
+            balance__gate_dot_v1_dot_admin__pb2.MonthlyReportRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.MonthlyReportResponse.FromString,
             options,
             channel_credentials,
             insecure,

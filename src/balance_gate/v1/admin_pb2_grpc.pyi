@@ -57,6 +57,8 @@ class AdminStub:
     """
     ListTopUps: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
+    MonthlyReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MonthlyReportRequest, _admin_pb2.MonthlyReportResponse]
+    """Top-ups, invoices and usage of one month, summed for finance (P15)."""
     SetFxRates: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetFxRatesRequest, _admin_pb2.SetFxRatesResponse]
     """One day's FX rates from a base currency (P6): 1 base = rate quote."""
 
@@ -87,6 +89,8 @@ class AdminAsyncStub(AdminStub):
     """
     ListTopUps: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]  # type: ignore[assignment]
     ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
+    MonthlyReport: _aio.UnaryUnaryMultiCallable[_admin_pb2.MonthlyReportRequest, _admin_pb2.MonthlyReportResponse]  # type: ignore[assignment]
+    """Top-ups, invoices and usage of one month, summed for finance (P15)."""
     SetFxRates: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetFxRatesRequest, _admin_pb2.SetFxRatesResponse]  # type: ignore[assignment]
     """One day's FX rates from a base currency (P6): 1 base = rate quote."""
 
@@ -180,6 +184,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListInvoicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListInvoicesResponse, _abc.Awaitable[_admin_pb2.ListInvoicesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def MonthlyReport(
+        self,
+        request: _admin_pb2.MonthlyReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MonthlyReportResponse, _abc.Awaitable[_admin_pb2.MonthlyReportResponse]]:
+        """Top-ups, invoices and usage of one month, summed for finance (P15)."""
 
     @_abc_1.abstractmethod
     def SetFxRates(
