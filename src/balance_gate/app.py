@@ -13,7 +13,8 @@ from balance_gate.emails import EmailSender, SmtpConfig
 from balance_gate.flusher import UsageFlusher
 from balance_gate.fx import FxRates
 from balance_gate.gate import Gate
-from balance_gate.payments import SandboxGateway
+from balance_gate.http_gateway import HttpGateway
+from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
 from balance_gate.settings import Settings
@@ -33,6 +34,17 @@ def redis_client(settings: Settings) -> aioredis.Redis:
         socket_connect_timeout=timeout_s,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def payment_gateway(settings: Settings, pool: asyncpg.Pool) -> PaymentGateway:
+    if settings.payment_gateway == "http":
+        return HttpGateway(
+            settings.payment_gateway_url,
+            settings.payment_gateway_token.get_secret_value() or None,
+            timeout_s=settings.payment_gateway_timeout_ms / 1000,
+            retries=settings.payment_gateway_retries,
+        )
+    return SandboxGateway(pool)
 
 
 def smtp_config(settings: Settings) -> SmtpConfig | None:
@@ -98,7 +110,7 @@ class App:
             stats_interval_ms=settings.stats_interval_ms,
         )
         topups = TopUps(
-            TopUpStore(pool, pg), pg, hot, accounts, SandboxGateway(pool), FxRates(pool)
+            TopUpStore(pool, pg), pg, hot, accounts, payment_gateway(settings, pool), FxRates(pool)
         )
         worker = TopUpWorker(
             hot,
@@ -112,4 +124,6 @@ class App:
     async def close(self) -> None:
         # We built the pool, so closing the client must close it too.
         await self.redis.aclose(close_connection_pool=True)
+        if isinstance(self.topups.gateway, HttpGateway):
+            await self.topups.gateway.close()
         await self.pool.close()

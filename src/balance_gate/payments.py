@@ -22,6 +22,11 @@ class GatewayUnavailable(Exception):
     Retry with the same idempotency key, or look the key up."""
 
 
+class GatewayRejected(Exception):
+    """The gateway refused the request itself (bad token, bad request): retrying will
+    not help; the top-up fails with gateway_rejected."""
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
     charge_id: str

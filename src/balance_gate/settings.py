@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from balance_gate.constants import MAX_REQUEST_MICROS_LIMIT, MIN_REQUEST_TTL_SECONDS
@@ -107,6 +107,20 @@ class Settings(BaseSettings):
     top_up_concurrency: int = Field(
         default=16, ge=1, le=1_000, description="Top-up triggers handled at once per sidecar."
     )
+    payment_gateway: Literal["sandbox", "http"] = Field(
+        default="sandbox",
+        description="sandbox (test cards, charges in Postgres) or http (docs/payment-gateway.md).",
+    )
+    payment_gateway_url: str = Field(default="", description="Base URL of the http gateway.")
+    payment_gateway_token: SecretStr = Field(
+        default=SecretStr(""), description="Bearer token for the http gateway."
+    )
+    payment_gateway_timeout_ms: int = Field(
+        default=5_000, ge=1, description="Timeout of one http gateway request."
+    )
+    payment_gateway_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of an http gateway request on network errors."
+    )
     smtp_host: str = Field(
         default="",
         description="SMTP server for customer emails (P8); empty: emails wait in the outbox.",
@@ -134,6 +148,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="text", description="json in production: one object per line."
     )
+
+    @model_validator(mode="after")
+    def _gateway_configured(self) -> Settings:
+        if self.payment_gateway == "http" and not self.payment_gateway_url:
+            raise ValueError("payment_gateway 'http' needs payment_gateway_url")
+        return self
 
     @field_validator("gate_listen", "admin_listen", "metrics_listen")
     @classmethod

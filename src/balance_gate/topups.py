@@ -23,7 +23,7 @@ from balance_gate.constants import MAX_CREDIT_MICROS
 from balance_gate.errors import FailedPrecondition, InvalidArgument, Unavailable
 from balance_gate.fx import Conversion, FxRates, convert
 from balance_gate.keys import shard_of
-from balance_gate.payments import GatewayUnavailable, PaymentGateway, mask
+from balance_gate.payments import GatewayRejected, GatewayUnavailable, PaymentGateway, mask
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
 from balance_gate.top_up_store import (
@@ -66,7 +66,7 @@ class TopUps:
         self._pg = pg
         self._hot = hot
         self._accounts = accounts
-        self._gateway = gateway
+        self.gateway = gateway
         self.rates = rates
 
     # --- configuration ------------------------------------------------------
@@ -239,7 +239,7 @@ class TopUps:
 
     async def _gateway_confirms_no_charge(self, top_up: TopUpRow) -> bool:
         try:
-            return await self._gateway.lookup(top_up.gateway_key) is None
+            return await self.gateway.lookup(top_up.gateway_key) is None
         except GatewayUnavailable:
             return False
 
@@ -260,19 +260,23 @@ class TopUps:
 
     async def charge(self, top_up: TopUpRow) -> TopUpRow:
         """Charge a pending top-up's card and record the outcome (idempotent)."""
-        card_currency = await self._gateway.card_currency(top_up.payment_method)
+        card_currency = await self.gateway.card_currency(top_up.payment_method)
         conversion = await self._convert(top_up, card_currency)
         if conversion is None:
             await self._store.fail(top_up.top_up_id, FX_RATE_MISSING)
             return await self._store.get(top_up.top_up_id)
         amount_minor = money.to_minor(top_up.amount_micros, top_up.currency)
         try:
-            charge = await self._gateway.charge(
+            charge = await self.gateway.charge(
                 top_up.payment_method,
                 conversion.charge_amount_minor,
                 card_currency,
                 top_up.gateway_key,
             )
+        except GatewayRejected as exc:
+            log.error("top-up %d: gateway refused the request (%s)", top_up.top_up_id, exc)
+            await self._store.fail(top_up.top_up_id, "gateway_rejected")
+            return await self._store.get(top_up.top_up_id)
         except GatewayUnavailable as exc:
             log.warning("top-up %d: gateway unavailable (%s)", top_up.top_up_id, exc)
             raise Unavailable(

@@ -236,7 +236,7 @@ async def test_a_crash_between_charge_and_credit_is_resolved_with_one_charge(app
     assert hot is not None
     plan = await app.topups._store.plan_auto("crash", hot.balance_micros, app.topups.clock())
     assert plan.top_up is not None
-    await app.topups._gateway.charge("pm_card_visa", 2_000, "USD", plan.top_up.gateway_key)
+    await app.topups.gateway.charge("pm_card_visa", 2_000, "USD", plan.top_up.gateway_key)
 
     assert await app.topups.resolve_stale(0, RETRY_NOW) == 1
     assert await app.topups.resolve_stale(0, RETRY_NOW) == 0
@@ -268,7 +268,7 @@ async def test_a_crash_after_planning_before_the_charge_charges_once(app: App) -
 
 async def test_a_crash_after_the_ledger_commit_before_redis_credits_once(app: App) -> None:
     top_up = await _planned(app, "crash-3")
-    charge = await app.topups._gateway.charge("pm_card_visa", 2_000, "USD", top_up.gateway_key)
+    charge = await app.topups.gateway.charge("pm_card_visa", 2_000, "USD", top_up.gateway_key)
     conversion = convert(top_up.amount_micros, "USD", "USD", Decimal(1), Decimal(1))
     async with app.pg.shard_lock([shard_of("crash-3")], exclusive=False) as conn:
         await app.topups._store.succeed(
