@@ -70,6 +70,18 @@ TOP_UPS = Counter(
     " nothing was charged (daily_cap, monthly_cap, paused, disabled, pending_covers, ...).",
     ["result"],
 )
+TOP_UP_CHARGE_SECONDS = Histogram(
+    "balance_gate_top_up_charge_duration_seconds",
+    "Time the payment gateway took to answer one charge (retries included).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+TOP_UP_TRIGGERS_PENDING = Gauge(
+    "balance_gate_top_up_triggers_pending",
+    "Top-up triggers raised and not yet handled, over all shards.",
+)
+TOP_UPS_PENDING = Gauge(
+    "balance_gate_top_ups_pending", "Top-ups created and not yet resolved (charge outcome unknown)."
+)
 TOP_UP_SECONDS = Histogram(
     "balance_gate_top_up_duration_seconds",
     "Time to handle one auto top-up trigger, charge included.",

@@ -228,6 +228,12 @@ class RedisStore:
             found += [(shard, i.decode(), f[b"a"].decode()) for i, f in messages if f]
         return found
 
+    async def top_up_triggers_waiting(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for stream in self.keys.all_top_up_streams():
+            pipe.xlen(stream)
+        return sum(await pipe.execute())
+
     async def ack_top_up_trigger(self, shard: int, entry_id: str) -> None:
         stream = self.keys.top_up_stream(shard)
         pipe = self.client.pipeline(transaction=False)

@@ -76,7 +76,9 @@ class TopUpWorker:
             self.consumer, self._batch, None, stale_ms=_STALE_TRIGGER_MS
         )
         await asyncio.gather(*(self._handle(*trigger) for trigger in stale))
-        await self._topups.resolve_stale(_PENDING_AGE_S, self._retry_interval_s)
+        pending = await self._topups.resolve_stale(_PENDING_AGE_S, self._retry_interval_s)
+        metrics.TOP_UPS_PENDING.set(pending)
+        metrics.TOP_UP_TRIGGERS_PENDING.set(await self._hot.top_up_triggers_waiting())
 
     async def _handle(self, shard: int, entry_id: str, account_id: str) -> None:
         async with self._slots:
@@ -87,9 +89,24 @@ class TopUpWorker:
                 # Left unacknowledged: taken over and retried after _STALE_TRIGGER_MS.
                 log.exception("top-up trigger for %r failed", account_id)
                 return
-            metrics.TOP_UPS.labels(result).inc()
+            metrics.TOP_UPS.labels(metric_result(result)).inc()
             metrics.TOP_UP_SECONDS.observe(time.perf_counter() - started)
             await self._hot.ack_top_up_trigger(shard, entry_id)
+
+
+# Results that are label values as they are; anything else is a decline code
+# from the gateway, which could be any string: counted as "declined".
+_KNOWN_RESULTS = frozenset(
+    {
+        "succeeded", "network_error", "daily_cap", "monthly_cap", "paused", "disabled",
+        "pending_covers", "above_threshold", "no_payment_method", "fx_rate_missing",
+        "not_loaded", "gateway_rejected",
+    }
+)  # fmt: skip
+
+
+def metric_result(result: str) -> str:
+    return result if result in _KNOWN_RESULTS else "declined"
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import time
 from collections.abc import Callable
 from decimal import ROUND_CEILING, ROUND_FLOOR
 from zoneinfo import ZoneInfo
 
-from balance_gate import money, validation
+from balance_gate import metrics, money, validation
 from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_CREDIT_MICROS
 from balance_gate.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -184,7 +185,11 @@ class TopUps:
         )
         if top_up.status != "pending":
             return top_up  # a replay of a finished top-up
-        return await self.charge(top_up)
+        done = await self.charge(top_up)
+        if done.status == "succeeded":
+            # P5: a manual top-up lifts a cap hold; the next dip may trigger at once.
+            await self._hot.hold_top_up_trigger(account_id, 0)
+        return done
 
     # --- auto top-up ----------------------------------------------------------
 
@@ -266,6 +271,7 @@ class TopUps:
             await self._store.fail(top_up.top_up_id, FX_RATE_MISSING)
             return await self._store.get(top_up.top_up_id)
         amount_minor = money.to_minor(top_up.amount_micros, top_up.currency)
+        started = time.perf_counter()
         try:
             charge = await self.gateway.charge(
                 top_up.payment_method,
@@ -283,6 +289,8 @@ class TopUps:
                 "the payment gateway did not answer; the top-up stays pending and is retried"
                 " with the same idempotency key"
             ) from exc
+        finally:
+            metrics.TOP_UP_CHARGE_SECONDS.observe(time.perf_counter() - started)
         if not charge.succeeded:
             log.info(
                 "top-up %d declined (%s) on %s",
