@@ -162,6 +162,9 @@ def _top_up(row: TopUpRow) -> admin_pb2.TopUpRecord:
         invoice_number=row.invoice_number or 0,
         charge_currency=row.charge_currency or "",
         charge_amount_minor=row.charge_amount_minor or 0,
+        usd_rate="" if row.usd_rate is None else str(row.usd_rate),
+        card_rate="" if row.card_rate is None else str(row.card_rate),
+        local_day=row.local_day.isoformat(),
     )
 
 

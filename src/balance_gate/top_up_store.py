@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import asyncpg
@@ -59,6 +60,8 @@ class TopUpRow:
     local_day: dt.date
     charge_currency: str | None
     charge_amount_minor: int | None
+    usd_rate: Decimal | None
+    card_rate: Decimal | None
 
     @property
     def gateway_key(self) -> str:
@@ -126,7 +129,7 @@ _TOP_UP_SELECT = """
     SELECT t.top_up_id, t.account_id, t.kind, t.idempotency_key, t.status, t.amount_micros,
            t.currency, t.credited_micros, t.payment_method, t.threshold_micros,
            t.decline_reason, t.created_at, i.invoice_number, t.local_day, t.charge_currency,
-           t.charge_amount_minor
+           t.charge_amount_minor, t.usd_rate, t.card_rate
     FROM top_ups t LEFT JOIN invoices i USING (top_up_id)"""
 
 

@@ -364,6 +364,9 @@ def _check_auto_top_up(
         raise InvalidArgument("threshold_micros", f"must be between 0 and {MAX_CREDIT_MICROS}")
     if not 0 < amount_micros <= MAX_CREDIT_MICROS:
         raise InvalidArgument("amount_micros", f"must be between 1 and {MAX_CREDIT_MICROS}")
+    if amount_micros <= threshold_micros:
+        # One top-up must lift even an empty balance above the threshold.
+        raise InvalidArgument("amount_micros", "must be above threshold_micros")
     if enabled and daily_cap_micros <= 0:
         raise InvalidArgument("daily_cap_micros", "is required to enable auto top-up (P5)")
     if daily_cap_micros and daily_cap_micros < amount_micros:

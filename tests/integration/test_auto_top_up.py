@@ -9,9 +9,11 @@ import asyncio
 import datetime as dt
 from decimal import Decimal
 
+import pytest
 import redis.asyncio as aioredis
 
 from balance_gate.app import App
+from balance_gate.errors import InvalidArgument
 from balance_gate.fx import convert
 from balance_gate.keys import shard_of
 from balance_gate.settings import Settings
@@ -323,3 +325,30 @@ async def test_p15_monthly_report_sums_top_ups_invoices_and_usage(app: App) -> N
     assert report.adjustments_micros == 10 * USD  # the test funding
     empty = await app.topups.monthly_report("report", "2020-01")
     assert (empty.top_ups_succeeded, empty.usage_micros, empty.invoices) == (0, 0, 0)
+
+
+async def test_p7_auto_top_up_ignores_refusals_that_are_not_about_the_balance(app: App) -> None:
+    """P7: a blocked account (KYC, abuse) is refused for its own reason; no top-up."""
+    await _with_auto_top_up(app, "kyc", balance=6 * USD)
+    await app.accounts.set_status("kyc", "disabled")
+    denied = await app.gate.authorize("kyc", rid(), 2 * USD, "")
+    assert (denied.allowed, denied.code) == (False, "account_disabled")
+    assert await _run_triggers(app) == 0
+    assert await _charges(app, "kyc") == 0
+
+
+async def test_p16_auto_top_up_switched_off_never_charges(app: App) -> None:
+    await _with_auto_top_up(app, "fixed-bill")
+    await app.topups.set_auto_top_up("fixed-bill", False, 5 * USD, 20 * USD, 0, 0)
+    await app.gate.authorize("fixed-bill", rid(), 9 * USD, "")
+    denied = await app.gate.authorize("fixed-bill", rid(), 2 * USD, "")
+    assert (denied.allowed, denied.code) == (False, "insufficient_balance")
+    assert await _run_triggers(app) == 0
+    assert await _charges(app, "fixed-bill") == 0
+
+
+async def test_the_amount_must_exceed_the_threshold(app: App) -> None:
+    await _with_auto_top_up(app, "tiny")
+    with pytest.raises(InvalidArgument) as raised:
+        await app.topups.set_auto_top_up("tiny", True, 50 * USD, 20 * USD, 100 * USD, 0)
+    assert raised.value.field == "amount_micros"

@@ -62,6 +62,9 @@ async def test_p6_eur_account_with_a_usd_card_and_an_eur_card(running: RunningGa
     assert (on_eur_card.charge_currency, on_eur_card.charge_amount_minor) == ("EUR", 2_000)
     assert await _charged(running, on_eur_card.top_up_id) == (2_000, "EUR")
     assert on_usd_card.credited_micros == on_eur_card.credited_micros == 21_684_000
+    assert (on_usd_card.usd_rate, on_usd_card.card_rate) == ("1.0842", "1.0842")
+    assert (on_eur_card.usd_rate, on_eur_card.card_rate) == ("1.0842", "1")
+    assert on_usd_card.local_day == dt.datetime.now(dt.UTC).date().isoformat()
 
     invoices = (
         await running.admin.ListInvoices(admin_pb2.ListInvoicesRequest(account_id="berlin"))

@@ -317,7 +317,9 @@ class SetAutoTopUpRequest(_message.Message):
     threshold_micros: _builtins.int
     """Below this balance a top-up is triggered."""
     amount_micros: _builtins.int
-    """Charged per top-up; must lift a balance at the threshold above it."""
+    """Charged per top-up; above the threshold, so one top-up lifts even an
+    empty balance over it.
+    """
     daily_cap_micros: _builtins.int
     """Required when enabled (P5); at least one top-up amount."""
     monthly_cap_micros: _builtins.int
@@ -408,6 +410,9 @@ class TopUpRecord(_message.Message):
     INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
     CHARGE_CURRENCY_FIELD_NUMBER: _builtins.int
     CHARGE_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    USD_RATE_FIELD_NUMBER: _builtins.int
+    CARD_RATE_FIELD_NUMBER: _builtins.int
+    LOCAL_DAY_FIELD_NUMBER: _builtins.int
     top_up_id: _builtins.int
     account_id: _builtins.str
     kind: _builtins.str
@@ -425,6 +430,13 @@ class TopUpRecord(_message.Message):
     charge_currency: _builtins.str
     """What the card was charged (P6), in its currency's minor units."""
     charge_amount_minor: _builtins.int
+    usd_rate: _builtins.str
+    """The day's rates used (decimal strings): 1 unit of the default currency in
+    USD, and in the card's currency.
+    """
+    card_rate: _builtins.str
+    local_day: _builtins.str
+    """The account's day the top-up belongs to (caps, rates), YYYY-MM-DD."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -443,10 +455,13 @@ class TopUpRecord(_message.Message):
         invoice_number: _builtins.int = ...,
         charge_currency: _builtins.str = ...,
         charge_amount_minor: _builtins.int = ...,
+        usd_rate: _builtins.str = ...,
+        card_rate: _builtins.str = ...,
+        local_day: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "charge_amount_minor", b"charge_amount_minor", "charge_currency", b"charge_currency", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "decline_reason", b"decline_reason", "invoice_number", b"invoice_number", "kind", b"kind", "payment_method", b"payment_method", "status", b"status", "top_up_id", b"top_up_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount_micros", b"amount_micros", "card_rate", b"card_rate", "charge_amount_minor", b"charge_amount_minor", "charge_currency", b"charge_currency", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "decline_reason", b"decline_reason", "invoice_number", b"invoice_number", "kind", b"kind", "local_day", b"local_day", "payment_method", b"payment_method", "status", b"status", "top_up_id", b"top_up_id", "usd_rate", b"usd_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
