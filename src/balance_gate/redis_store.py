@@ -198,12 +198,7 @@ class RedisStore:
     # --- top-up triggers ----------------------------------------------------
 
     async def ensure_top_up_groups(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for stream in self.keys.all_top_up_streams():
-            pipe.xgroup_create(stream, TOP_UP_GROUP, id="0", mkstream=True)
-        for result in await pipe.execute(raise_on_error=False):
-            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
-                raise result
+        await self._ensure_groups(self.keys.all_top_up_streams(), TOP_UP_GROUP)
 
     async def read_top_up_triggers(
         self, consumer: str, count: int, block_ms: int | None, *, stale_ms: int | None = None
@@ -244,14 +239,17 @@ class RedisStore:
     # --- usage streams ----------------------------------------------------
 
     async def ensure_usage_groups(self) -> None:
-        """Create the flushers' consumer group on every shard stream (idempotent).
+        await self._ensure_groups(self.keys.all_usage_streams(), USAGE_GROUP)
+
+    async def _ensure_groups(self, streams: list[str], group: str) -> None:
+        """Create a consumer group on every shard stream (idempotent).
 
         Id 0: a group created after Redis lost its groups still reads what the
         streams already hold.
         """
         pipe = self.client.pipeline(transaction=False)
-        for stream in self.keys.all_usage_streams():
-            pipe.xgroup_create(stream, USAGE_GROUP, id="0", mkstream=True)
+        for stream in streams:
+            pipe.xgroup_create(stream, group, id="0", mkstream=True)
         for result in await pipe.execute(raise_on_error=False):
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
