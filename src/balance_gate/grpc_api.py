@@ -214,6 +214,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             account.auto_top_up.CopyFrom(auto)
         account.primary_payment_method = mask(billing.primary_payment_method or "")
         account.backup_payment_method = mask(billing.backup_payment_method or "")
+        account.time_zone = billing.time_zone
         return account
 
     @rpc
@@ -339,3 +340,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             usage_micros=report.usage_micros,
             adjustments_micros=report.adjustments_micros,
         )
+
+    @rpc
+    async def SetAccountTimeZone(
+        self, request: admin_pb2.SetAccountTimeZoneRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._topups.set_time_zone(request.account_id, request.time_zone)
+        return await self._full_account(await self._accounts.get(request.account_id))

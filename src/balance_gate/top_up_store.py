@@ -152,6 +152,15 @@ class TopUpStore:
             raise NotFound(f"account {account_id!r} not found")
         return Billing(**dict(row))
 
+    async def set_time_zone(self, account_id: str, time_zone: str) -> None:
+        done = await self._pool.execute(
+            "UPDATE accounts SET time_zone = $2, updated_at = now() WHERE account_id = $1",
+            account_id,
+            time_zone,
+        )
+        if done == "UPDATE 0":
+            raise NotFound(f"account {account_id!r} not found")
+
     async def set_billing_email(self, account_id: str, email: str) -> None:
         done = await self._pool.execute(
             "UPDATE accounts SET billing_email = $2, updated_at = now() WHERE account_id = $1",

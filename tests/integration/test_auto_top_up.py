@@ -352,3 +352,22 @@ async def test_the_amount_must_exceed_the_threshold(app: App) -> None:
     with pytest.raises(InvalidArgument) as raised:
         await app.topups.set_auto_top_up("tiny", True, 50 * USD, 20 * USD, 100 * USD, 0)
     assert raised.value.field == "amount_micros"
+
+
+async def test_p5_the_daily_cap_follows_the_accounts_own_day(app: App) -> None:
+    await _with_auto_top_up(app, "auckland", daily_cap=20 * USD)
+    await app.topups.set_time_zone("auckland", "Pacific/Auckland")  # UTC+13 in November
+    evening_utc = dt.datetime(2026, 11, 23, 9, 0, tzinfo=dt.UTC)  # 22:00 on the 23rd there
+    app.topups.clock = lambda: evening_utc
+    await app.gate.authorize("auckland", rid(), 6 * USD, "")
+    assert await app.topups.auto("auckland", RETRY_NOW) == "succeeded"
+    await app.gate.authorize("auckland", rid(), 20 * USD, "")
+    assert await app.topups.auto("auckland", RETRY_NOW) == "daily_cap"
+    # Two hours later it is the 24th in Auckland (still the 23rd in UTC): a new day.
+    app.topups.clock = lambda: evening_utc + dt.timedelta(hours=2)
+    assert await app.topups.auto("auckland", RETRY_NOW) == "succeeded"
+    days = [t.local_day for t in await _top_ups(app, "auckland")]
+    assert days == [dt.date(2026, 11, 23), dt.date(2026, 11, 24)]
+    with pytest.raises(InvalidArgument) as raised:
+        await app.topups.set_time_zone("auckland", "Mars/Olympus_Mons")
+    assert raised.value.field == "time_zone"

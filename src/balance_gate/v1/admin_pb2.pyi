@@ -73,6 +73,7 @@ class Account(_message.Message):
     AUTO_TOP_UP_FIELD_NUMBER: _builtins.int
     PRIMARY_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
     BACKUP_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     currency: _builtins.str
     """The account's default currency (ISO 4217): it prices top-ups and
@@ -89,6 +90,8 @@ class Account(_message.Message):
     """Usage debited in Redis and not yet recorded in Postgres."""
     primary_payment_method: _builtins.str
     backup_payment_method: _builtins.str
+    time_zone: _builtins.str
+    """IANA time zone of the account's day (daily caps, invoices' month)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -107,10 +110,11 @@ class Account(_message.Message):
         auto_top_up: Global___AutoTopUp | None = ...,
         primary_payment_method: _builtins.str = ...,
         backup_payment_method: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_top_up", b"auto_top_up", "backup_payment_method", b"backup_payment_method", "balance_micros", b"balance_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "primary_payment_method", b"primary_payment_method", "status", b"status", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_top_up", b"auto_top_up", "backup_payment_method", b"backup_payment_method", "balance_micros", b"balance_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "primary_payment_method", b"primary_payment_method", "status", b"status", "time_zone", b"time_zone", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -757,3 +761,26 @@ class MonthlyReportResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MonthlyReportResponse: _TypeAlias = MonthlyReportResponse  # noqa: Y015
+
+@_typing.final
+class SetAccountTimeZoneRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    time_zone: _builtins.str
+    """e.g. "Europe/Berlin"; "UTC" by default."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAccountTimeZoneRequest: _TypeAlias = SetAccountTimeZoneRequest  # noqa: Y015

@@ -59,6 +59,11 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SetAccountTimeZone = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetAccountTimeZone',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
         self.SetBillingEmail = channel.unary_unary(
                 '/balance_gate.v1.Admin/SetBillingEmail',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetBillingEmailRequest.SerializeToString,
@@ -134,6 +139,13 @@ class AdminServicer:
     def SetPaymentMethods(self, request, context):
         """Payment-method tokens (never card numbers); backup is optional. A card's
         currency is what the gateway reports for its token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAccountTimeZone(self, request, context):
+        """The account's day for daily caps (P5): an IANA zone name; default UTC.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +232,11 @@ def add_AdminServicer_to_server(servicer, server):
             'SetPaymentMethods': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPaymentMethods,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetAccountTimeZone': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAccountTimeZone,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
             'SetBillingEmail': grpc.unary_unary_rpc_method_handler(
@@ -397,6 +414,33 @@ class Admin:
             target,
             '/balance_gate.v1.Admin/SetPaymentMethods',
             balance__gate_dot_v1_dot_admin__pb2.SetPaymentMethodsRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAccountTimeZone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetAccountTimeZone',
+            balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

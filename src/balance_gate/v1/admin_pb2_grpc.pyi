@@ -45,6 +45,8 @@ class AdminStub:
     """Payment-method tokens (never card numbers); backup is optional. A card's
     currency is what the gateway reports for its token.
     """
+    SetAccountTimeZone: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountTimeZoneRequest, _admin_pb2.Account]
+    """The account's day for daily caps (P5): an IANA zone name; default UTC."""
     SetBillingEmail: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]
     """Where failure emails go (P8)."""
     SetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]
@@ -77,6 +79,8 @@ class AdminAsyncStub(AdminStub):
     """Payment-method tokens (never card numbers); backup is optional. A card's
     currency is what the gateway reports for its token.
     """
+    SetAccountTimeZone: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountTimeZoneRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """The account's day for daily caps (P5): an IANA zone name; default UTC."""
     SetBillingEmail: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Where failure emails go (P8)."""
     SetAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
@@ -136,6 +140,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Payment-method tokens (never card numbers); backup is optional. A card's
         currency is what the gateway reports for its token.
         """
+
+    @_abc_1.abstractmethod
+    def SetAccountTimeZone(
+        self,
+        request: _admin_pb2.SetAccountTimeZoneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """The account's day for daily caps (P5): an IANA zone name; default UTC."""
 
     @_abc_1.abstractmethod
     def SetBillingEmail(
