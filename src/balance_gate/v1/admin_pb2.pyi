@@ -155,7 +155,8 @@ class AutoTopUp(_message.Message):
     daily_cap_reached: _builtins.bool
     last_stop_reason: _builtins.str
     """Why the last trigger charged nothing (daily_cap, monthly_cap, paused,
-    disabled, pending_covers, retry_wait, no_payment_method), or "".
+    disabled, pending_covers, above_threshold, no_payment_method,
+    fx_rate_missing), or "".
     """
     target_balance_micros: _builtins.int
     """0 in the fixed-amount mode."""
