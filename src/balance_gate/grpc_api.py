@@ -199,6 +199,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self._accounts = accounts
         self._topups = topups
 
+    async def _current(self, account_id: str) -> admin_pb2.Account:
+        """The account as it is now, after a change made through another call."""
+        return await self._full_account(await self._accounts.get(account_id))
+
     async def _full_account(self, view: AccountView) -> admin_pb2.Account:
         account = _account(view)
         billing = await self._topups.billing(view.account_id)
@@ -229,7 +233,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetAccount(
         self, request: admin_pb2.GetAccountRequest, context: Context
     ) -> admin_pb2.Account:
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
 
     @rpc
     async def Credit(self, request: admin_pb2.CreditRequest, context: Context) -> admin_pb2.Account:
@@ -254,7 +258,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.SetPaymentMethodsRequest, context: Context
     ) -> admin_pb2.Account:
         await self._topups.set_payment_methods(request.account_id, request.primary, request.backup)
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
 
     @rpc
     async def SetAutoTopUp(
@@ -269,14 +273,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             request.monthly_cap_micros,
             request.target_balance_micros,
         )
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
 
     @rpc
     async def ResumeAutoTopUp(
         self, request: admin_pb2.ResumeAutoTopUpRequest, context: Context
     ) -> admin_pb2.Account:
         await self._topups.resume(request.account_id)
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
 
     @rpc
     async def TopUp(
@@ -320,7 +324,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.SetBillingEmailRequest, context: Context
     ) -> admin_pb2.Account:
         await self._topups.set_billing_email(request.account_id, request.email)
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
 
     @rpc
     async def MonthlyReport(
@@ -346,4 +350,4 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.SetAccountTimeZoneRequest, context: Context
     ) -> admin_pb2.Account:
         await self._topups.set_time_zone(request.account_id, request.time_zone)
-        return await self._full_account(await self._accounts.get(request.account_id))
+        return await self._current(request.account_id)
