@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt proto deps venv clean
+.PHONY: run test lint fmt proto deps venv clean bench
 
 # Serve with a local Redis and Postgres kept under ./.run/ and a funded `demo`.
 run: venv
@@ -17,6 +17,13 @@ run: venv
 # Lint, type-check, then every test against real servers the fixtures start.
 test: venv lint
 	$(BIN)/pytest
+
+# The gate against a no-op gRPC server and redis-benchmark, in one run (a few
+# minutes; never part of `make test`, which runs a 20-second smoke of it).
+# Table on stdout; results.json and latency-vs-load.png in BENCH_OUT.
+BENCH_OUT ?= bench/results
+bench: venv
+	$(BIN)/python bench/run.py --out $(BENCH_OUT)
 
 lint: venv
 	$(BIN)/ruff format --check .
@@ -29,7 +36,7 @@ fmt: venv
 
 # Regenerate src/balance_gate/v1 from proto/ (a test fails when it is stale).
 proto: venv
-	$(BIN)/python scripts/gen_proto.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python scripts/gen_proto.py
 
 deps:
 	@scripts/install-system-deps.sh

@@ -87,6 +87,7 @@ async def settings(servers: Servers, template_database: str) -> Settings:
         admin_listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
         flush_block_ms=20,
+        flush_interval_ms=5,
         stats_interval_ms=200,
         shutdown_grace_ms=1_000,
     )

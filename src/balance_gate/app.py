@@ -97,6 +97,7 @@ class App:
             settings.redis_key_prefix,
             settings.request_ttl_seconds,
             settings.top_up_trigger_ttl_ms // 1000,
+            settings.redis_batch_max,
         )
         pg = PostgresStore(pool)
         accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
@@ -106,6 +107,7 @@ class App:
             pg,
             batch_size=settings.flush_batch_size,
             block_ms=settings.flush_block_ms,
+            interval_ms=settings.flush_interval_ms,
             claim_idle_ms=settings.flush_claim_idle_ms,
             stats_interval_ms=settings.stats_interval_ms,
         )

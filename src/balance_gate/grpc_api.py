@@ -7,10 +7,11 @@ anything unexpected -> INTERNAL (logged). Nothing surfaces as UNKNOWN.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -79,13 +80,11 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, stream_max_in_flight: int = 1_024) -> None:
         self._gate = gate
+        self._stream_max_in_flight = stream_max_in_flight
 
-    @rpc
-    async def Authorize(
-        self, request: gate_pb2.AuthorizeRequest, context: Context
-    ) -> gate_pb2.AuthorizeResponse:
+    async def _decide(self, request: gate_pb2.AuthorizeRequest) -> gate_pb2.AuthorizeResponse:
         decision = await self._gate.authorize(
             request.account_id, request.request_id, request.amount_micros, request.capability
         )
@@ -94,7 +93,62 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
             code=decision.code,
             balance_micros=decision.balance_micros,
             replayed=decision.replayed,
+            request_id=request.request_id,
         )
+
+    @rpc
+    async def Authorize(
+        self, request: gate_pb2.AuthorizeRequest, context: Context
+    ) -> gate_pb2.AuthorizeResponse:
+        return await self._decide(request)
+
+    async def AuthorizeStream(
+        self, request_iterator: AsyncIterator[gate_pb2.AuthorizeRequest], context: Context
+    ) -> AsyncIterator[gate_pb2.AuthorizeResponse]:
+        """Decide each request as it arrives; answer in the order decisions finish."""
+        answers: asyncio.Queue[gate_pb2.AuthorizeResponse | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self._stream_max_in_flight)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def answer(request: gate_pb2.AuthorizeRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request))
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    await room.acquire()  # backpressure: stop reading, HTTP/2 does the rest
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                while in_flight:
+                    await asyncio.wait(set(in_flight))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                room.release()
+                yield response
+            await reader  # surfaces a failed read of the request stream
+        finally:
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
+
+    async def _stream_answer(
+        self, request: gate_pb2.AuthorizeRequest
+    ) -> gate_pb2.AuthorizeResponse:
+        try:
+            return await self._decide(request)
+        except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer
+            code, message = _status_of(exc, "AuthorizeStream")
+            metrics.RPC_ERRORS.labels("AuthorizeStream", code.name).inc()
+            return gate_pb2.AuthorizeResponse(
+                request_id=request.request_id,
+                status_code=code.value[0],
+                status_message=message,
+            )
 
     @rpc
     async def Settle(

@@ -13,6 +13,7 @@ ids may contain ':' and a collision would replay another account's decision.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -23,9 +24,45 @@ def shard_of(account_id: str) -> int:
     return zlib.crc32(account_id.encode("utf-8")) % SHARD_COUNT
 
 
+@functools.lru_cache(maxsize=65_536)
+def _hot_keys(prefix: str, account_id: str) -> HotKeys:
+    tag = f"{prefix}:{{{shard_of(account_id)}}}"
+    return HotKeys(
+        account=f"{tag}:acct:{account_id}",
+        request_prefix=f"{tag}:req:{len(account_id)}:{account_id}:",
+        usage_stream=f"{tag}:usage",
+        top_up_flag=f"{tag}:topup:{account_id}",
+        top_up_stream=f"{tag}:topups",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HotKeys:
+    """The keys the hot path touches for one account, built once per account."""
+
+    account: str
+    request_prefix: str  # + request_id
+    usage_stream: str
+    top_up_flag: str
+    top_up_stream: str
+
+    def for_request(self, request_id: str) -> tuple[str, str, str, str, str]:
+        """KEYS of the authorize and settle scripts, in their order."""
+        return (
+            self.account,
+            self.request_prefix + request_id,
+            self.usage_stream,
+            self.top_up_flag,
+            self.top_up_stream,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str
+
+    def hot(self, account_id: str) -> HotKeys:
+        return _hot_keys(self.prefix, account_id)
 
     def shard_tag(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}"

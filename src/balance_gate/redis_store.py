@@ -6,7 +6,9 @@ object loads them again after a NOSCRIPT, e.g. when Redis restarted).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import hashlib
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
@@ -14,7 +16,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from balance_gate.constants import (
     CREDIT_MARKER_TTL_SECONDS,
@@ -23,7 +25,7 @@ from balance_gate.constants import (
     TOP_UP_GROUP,
     USAGE_GROUP,
 )
-from balance_gate.keys import Keys, shard_of
+from balance_gate.keys import Keys
 from balance_gate.postgres_store import UsageEvent
 
 _KIND = {b"a": "authorize", b"s": "settle"}
@@ -59,6 +61,100 @@ class StreamEntry:
     event: UsageEvent
 
 
+Call = tuple[Sequence[str], Sequence[str], "asyncio.Future[Any]"]
+
+
+class ScriptBatcher:
+    """Sends calls of one script to Redis in pipelines, one pipeline at a time.
+
+    Each call stays one EVALSHA, atomic for its account; only round trips are
+    shared. While a pipeline awaits its replies, new calls queue, and the next
+    pipeline takes all of them: at low load a call goes out at once, under
+    load batches grow with the load, so the socket writes, reads and
+    event-loop wake-ups per call fall as the load rises. (Batching by event
+    loop tick alone gave ~1.4 calls per batch: grpc.aio hands over requests
+    one per tick. One pipeline in flight gave ~3 and +35% throughput, two
+    gave ~1.6: docs/performance.md.)
+
+    A batch that meets a Redis without the script (NOSCRIPT after a restart)
+    loads it and sends the refused calls again; re-sending is safe because
+    every script de-duplicates by request id.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, source: str, max_batch: int, max_in_flight: int = 1
+    ) -> None:
+        self._client = client
+        self._source = source
+        self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: list[Call] = []
+        self._flush_scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def call(self, keys: Sequence[str], args: Sequence[str]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        self._queue.append((keys, args, reply))
+        self._schedule(loop)
+        return reply
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._flush_scheduled and len(self._sending) < self._max_in_flight:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)  # after the calls made in this tick
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._queue:
+            return
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        task = asyncio.create_task(self._send(batch))
+        self._sending.add(task)  # a reference until it is done, and the in-flight count
+        task.add_done_callback(self._sent)
+        if self._queue:
+            self._schedule(asyncio.get_running_loop())
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if self._queue:
+            self._schedule(asyncio.get_running_loop())
+
+    async def _send(self, batch: list[Call]) -> None:
+        try:
+            replies = await self._execute(batch)
+            refused = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if refused:
+                await self._client.script_load(self._source)
+                again = await self._execute([batch[i] for i in refused])
+                for i, reply in zip(refused, again, strict=True):
+                    replies[i] = reply
+        except asyncio.CancelledError:
+            for *_, waiting in batch:
+                waiting.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
+            for *_, waiting in batch:
+                if not waiting.done():
+                    waiting.set_exception(exc)
+            return
+        for (*_, waiting), reply in zip(batch, replies, strict=True):
+            if waiting.done():  # the caller gave up (cancelled)
+                continue
+            if isinstance(reply, Exception):
+                waiting.set_exception(reply)
+            else:
+                waiting.set_result(reply)
+
+    async def _execute(self, batch: list[Call]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+
 class RedisStore:
     def __init__(
         self,
@@ -66,16 +162,17 @@ class RedisStore:
         key_prefix: str,
         request_ttl_seconds: int,
         trigger_ttl_seconds: int = 600,
+        batch_max: int = 256,
     ) -> None:
         self.client = client
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
         self._trigger_ttl = str(trigger_ttl_seconds)
-        self._authorize: AsyncScript = client.register_script(_lua("authorize"))
-        self._settle: AsyncScript = client.register_script(_lua("settle"))
+        self._authorize = ScriptBatcher(client, _lua("authorize"), batch_max)
+        self._settle = ScriptBatcher(client, _lua("settle"), batch_max)
         self._apply_credit: AsyncScript = client.register_script(_lua("apply_credit"))
         self._sync: AsyncScript = client.register_script(_lua("sync_account"))
-        self._ack: AsyncScript = client.register_script(_lua("ack_usage"))
+        self._ack = ScriptBatcher(client, _lua("ack_usage"), batch_max)
         self._set_fields: AsyncScript = client.register_script(_lua("set_fields"))
 
     # --- the hot path -----------------------------------------------------
@@ -83,17 +180,9 @@ class RedisStore:
     async def authorize(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
     ) -> ScriptResult:
-        shard = shard_of(account_id)
-        keys = self.keys
-        reply = await self._authorize(
-            keys=[
-                keys.account(account_id),
-                keys.request(account_id, request_id),
-                keys.usage_stream(shard),
-                keys.top_up_flag(account_id),
-                keys.top_up_stream(shard),
-            ],
-            args=[
+        reply = await self._authorize.call(
+            self.keys.hot(account_id).for_request(request_id),
+            (
                 str(amount_micros),
                 str(-amount_micros),
                 self._request_ttl,
@@ -101,23 +190,16 @@ class RedisStore:
                 request_id,
                 capability,
                 self._trigger_ttl,
-            ],
+            ),
         )
-        return ScriptResult(int(reply[0]), int(reply[1]), replayed=bool(reply[2]))
+        return ScriptResult(reply[0], reply[1], replayed=reply[2] == 1)
 
     async def settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
-        keys = self.keys
-        reply = await self._settle(
-            keys=[
-                keys.account(account_id),
-                keys.request(account_id, request_id),
-                keys.usage_stream(shard_of(account_id)),
-                keys.top_up_flag(account_id),
-                keys.top_up_stream(shard_of(account_id)),
-            ],
-            args=[str(amount_micros), account_id, request_id, self._trigger_ttl],
+        reply = await self._settle.call(
+            self.keys.hot(account_id).for_request(request_id),
+            (str(amount_micros), account_id, request_id, self._trigger_ttl),
         )
-        return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]), bool(reply[3]))
+        return ScriptResult(reply[0], reply[1], reply[2], reply[3] == 1)
 
     # --- account state ----------------------------------------------------
 
@@ -285,7 +367,7 @@ class RedisStore:
             keys.append(self.keys.account(entry.event.account_id))
             refund = str(amount) if entry.entry_id in duplicates else "0"
             args += [entry.entry_id, str(-amount), refund]
-        return int(await self._ack(keys=keys, args=args))
+        return int(await self._ack.call(keys, args))
 
     async def usage_backlog(self) -> tuple[int, int | None]:
         """(events not yet flushed, Redis ms timestamp of the oldest), over all shards.

@@ -36,12 +36,23 @@ AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-define
 GATE_SERVICE = gate_pb2.DESCRIPTOR.services_by_name["BalanceGate"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
-_GRPC_OPTIONS = [
-    ("grpc.so_reuseport", 0),
-    # Proxies keep one channel open for hours; let them ping it.
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
+
+def grpc_server(*, reuse_port: bool) -> grpc.aio.Server:
+    """A grpc.aio server with the options every listener of ours uses.
+
+    The no-op benchmark server builds its server here too, so that both are
+    measured with the same settings.
+    """
+    return grpc.aio.server(
+        options=[
+            # Several worker processes may share one port (--workers); a lone
+            # process must not silently share its port with a stale one.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+            # Proxies keep one channel open for hours; let them ping it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,10 @@ class Listening:
     metrics_port: int
 
 
-def _listener(service: str, add: Callable[[grpc.aio.Server], None]) -> tuple[grpc.aio.Server, Any]:
-    server = grpc.aio.server(options=_GRPC_OPTIONS)
+def _listener(
+    service: str, add: Callable[[grpc.aio.Server], None], *, reuse_port: bool
+) -> tuple[grpc.aio.Server, Any]:
+    server = grpc_server(reuse_port=reuse_port)
     add(server)
     checker = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -71,17 +84,20 @@ class Sidecar:
     def __init__(self, app: App) -> None:
         self.app = app
         settings = app.settings
+        reuse_port = settings.workers > 1
         self._gate, self._gate_health = _listener(
             GATE_SERVICE,
             lambda s: gate_pb2_grpc.add_BalanceGateServicer_to_server(
-                BalanceGateServicer(app.gate), s
+                BalanceGateServicer(app.gate, settings.stream_max_in_flight), s
             ),
+            reuse_port=reuse_port,
         )
         self._admin, self._admin_health = _listener(
             ADMIN_SERVICE,
             lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
                 AdminServicer(app.accounts, app.topups), s
             ),
+            reuse_port=reuse_port,
         )
         self._gate_port = self._gate.add_insecure_port(settings.gate_listen)
         self._admin_port = self._admin.add_insecure_port(settings.admin_listen)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         le=10_000,
         description="How long the flusher waits for new usage before looping.",
     )
+    flush_interval_ms: int = Field(
+        default=100,
+        ge=0,
+        le=10_000,
+        description="Pause after a flush that found less than a full batch, so usage reaches"
+        " Postgres in batches (less CPU per event) at the price of this much more lag.",
+    )
     flush_claim_idle_ms: int = Field(
         default=30_000,
         ge=100,
@@ -139,6 +146,25 @@ class Settings(BaseSettings):
         ge=0,
         description="How long an unknown account_id is remembered, sparing Postgres a lookup.",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Processes serving the same ports (SO_REUSEPORT), each with its own event"
+        " loop; worker i serves /metrics on the metrics port + i. Needs fixed ports.",
+    )
+    stream_max_in_flight: int = Field(
+        default=1_024,
+        ge=1,
+        le=100_000,
+        description="Requests of one AuthorizeStream decided at once; the stream waits beyond.",
+    )
+    redis_batch_max: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Most Authorize/Settle scripts sent to Redis in one pipeline.",
+    )
     shutdown_grace_ms: int = Field(
         default=5_000, ge=0, description="How long in-flight calls may finish on SIGTERM."
     )
@@ -153,6 +179,14 @@ class Settings(BaseSettings):
     def _gateway_configured(self) -> Settings:
         if self.payment_gateway == "http" and not self.payment_gateway_url:
             raise ValueError("payment_gateway 'http' needs payment_gateway_url")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_need_fixed_ports(self) -> Settings:
+        if self.workers > 1:
+            for name in ("gate_listen", "admin_listen", "metrics_listen"):
+                if split_host_port(getattr(self, name))[1] == 0:
+                    raise ValueError(f"{name}: workers > 1 needs a fixed port, not 0")
         return self
 
     @field_validator("gate_listen", "admin_listen", "metrics_listen")

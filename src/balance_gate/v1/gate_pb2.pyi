@@ -58,6 +58,9 @@ class AuthorizeResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     BALANCE_MICROS_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     code: _builtins.str
     """"" when allowed; otherwise a stable lowercase code:
@@ -69,6 +72,14 @@ class AuthorizeResponse(_message.Message):
     """True when this answer repeats an earlier allowed decision for the same
     request_id (nothing was debited this time).
     """
+    request_id: _builtins.str
+    """The request's request_id, echoed (AuthorizeStream matches answers by it)."""
+    status_code: _builtins.int
+    """AuthorizeStream only: non-zero when this one request failed, with the
+    gRPC status code (google.rpc.Code) that Authorize would have returned,
+    e.g. 3 = INVALID_ARGUMENT, 14 = UNAVAILABLE; allowed is then false.
+    """
+    status_message: _builtins.str
     def __init__(
         self,
         *,
@@ -76,10 +87,13 @@ class AuthorizeResponse(_message.Message):
         code: _builtins.str = ...,
         balance_micros: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
+        status_code: _builtins.int = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "balance_micros", b"balance_micros", "code", b"code", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "balance_micros", b"balance_micros", "code", b"code", "replayed", b"replayed", "request_id", b"request_id", "status_code", b"status_code", "status_message", b"status_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

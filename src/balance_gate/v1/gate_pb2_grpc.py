@@ -39,6 +39,11 @@ class BalanceGateStub:
                 request_serializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeStream = channel.stream_stream(
+                '/balance_gate.v1.BalanceGate/AuthorizeStream',
+                request_serializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.FromString,
+                _registered_method=True)
         self.Settle = channel.unary_unary(
                 '/balance_gate.v1.BalanceGate/Settle',
                 request_serializer=balance__gate_dot_v1_dot_gate__pb2.SettleRequest.SerializeToString,
@@ -60,6 +65,18 @@ class BalanceGateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeStream(self, request_iterator, context):
+        """Authorize over one long-lived bidirectional stream: many requests in
+        flight, one response per request, matched by request_id (answers come in
+        the order they are decided, not the order they were sent). A request that
+        fails (what Authorize would answer with an RPC error) gets a response with
+        status_code set; the stream itself stays open. Several times the
+        throughput of unary calls: a proxy that sends many requests should use it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Settle(self, request, context):
         """Records the final cost of an authorized request; the difference to the
         authorized amount is credited back or debited extra.
@@ -73,6 +90,11 @@ def add_BalanceGateServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Authorize': grpc.unary_unary_rpc_method_handler(
                     servicer.Authorize,
+                    request_deserializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.SerializeToString,
+            ),
+            'AuthorizeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AuthorizeStream,
                     request_deserializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.SerializeToString,
             ),
@@ -107,6 +129,33 @@ class BalanceGate:
             request,
             target,
             '/balance_gate.v1.BalanceGate/Authorize',
+            balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.SerializeToString,
+            balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/balance_gate.v1.BalanceGate/AuthorizeStream',
             balance__gate_dot_v1_dot_gate__pb2.AuthorizeRequest.SerializeToString,
             balance__gate_dot_v1_dot_gate__pb2.AuthorizeResponse.FromString,
             options,

@@ -41,6 +41,14 @@ class BalanceGateStub:
     (account_id, request_id) after an allowed decision returns that decision
     and debits nothing more.
     """
+    AuthorizeStream: _grpc.StreamStreamMultiCallable[_gate_pb2.AuthorizeRequest, _gate_pb2.AuthorizeResponse]
+    """Authorize over one long-lived bidirectional stream: many requests in
+    flight, one response per request, matched by request_id (answers come in
+    the order they are decided, not the order they were sent). A request that
+    fails (what Authorize would answer with an RPC error) gets a response with
+    status_code set; the stream itself stays open. Several times the
+    throughput of unary calls: a proxy that sends many requests should use it.
+    """
     Settle: _grpc.UnaryUnaryMultiCallable[_gate_pb2.SettleRequest, _gate_pb2.SettleResponse]
     """Records the final cost of an authorized request; the difference to the
     authorized amount is credited back or debited extra.
@@ -55,6 +63,14 @@ class BalanceGateAsyncStub(BalanceGateStub):
     not an RPC error. request_id is the idempotency key: the same
     (account_id, request_id) after an allowed decision returns that decision
     and debits nothing more.
+    """
+    AuthorizeStream: _aio.StreamStreamMultiCallable[_gate_pb2.AuthorizeRequest, _gate_pb2.AuthorizeResponse]  # type: ignore[assignment]
+    """Authorize over one long-lived bidirectional stream: many requests in
+    flight, one response per request, matched by request_id (answers come in
+    the order they are decided, not the order they were sent). A request that
+    fails (what Authorize would answer with an RPC error) gets a response with
+    status_code set; the stream itself stays open. Several times the
+    throughput of unary calls: a proxy that sends many requests should use it.
     """
     Settle: _aio.UnaryUnaryMultiCallable[_gate_pb2.SettleRequest, _gate_pb2.SettleResponse]  # type: ignore[assignment]
     """Records the final cost of an authorized request; the difference to the
@@ -73,6 +89,20 @@ class BalanceGateServicer(metaclass=_abc_1.ABCMeta):
         not an RPC error. request_id is the idempotency key: the same
         (account_id, request_id) after an allowed decision returns that decision
         and debits nothing more.
+        """
+
+    @_abc_1.abstractmethod
+    def AuthorizeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_gate_pb2.AuthorizeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gate_pb2.AuthorizeResponse], _abc.AsyncIterator[_gate_pb2.AuthorizeResponse]]:
+        """Authorize over one long-lived bidirectional stream: many requests in
+        flight, one response per request, matched by request_id (answers come in
+        the order they are decided, not the order they were sent). A request that
+        fails (what Authorize would answer with an RPC error) gets a response with
+        status_code set; the stream itself stays open. Several times the
+        throughput of unary calls: a proxy that sends many requests should use it.
         """
 
     @_abc_1.abstractmethod
