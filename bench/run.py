@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen
 
 from balance_gate.devservers import PostgresServer, RedisServer, free_port
+from balance_gate.redis_store import script_source
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,7 +193,7 @@ class Bench:
             command = [
                 tool, "-p", str(redis_port), "-n", str(self.scale.redis_requests),
                 "-c", "50", "-P", str(pipeline), "-r", "1000000000", "--csv",
-                "EVALSHA", sha, "5", *keys, *script_args,
+                "EVALSHA", sha, str(len(keys)), *keys, *script_args,
             ]  # fmt: skip
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             row = output.strip().splitlines()[-1].replace('"', "").split(",")
@@ -220,7 +221,7 @@ def _row(result: dict[str, Any]) -> str:
 
 
 def _script_sha(redis_port: int) -> str:
-    source = (ROOT / "src/balance_gate/lua/authorize.lua").read_text()
+    source = script_source("authorize")
     cli = shutil.which("redis-cli") or "redis-cli"
     out = subprocess.run(
         [cli, "-p", str(redis_port), "SCRIPT", "LOAD", source],
@@ -254,6 +255,7 @@ def run(scale: Scale, out_dir: Path) -> dict[str, Any]:
             "bg:{0}:usage",
             "bg:{0}:topup:bench-0",
             "bg:{0}:topups",
+            "bg:{0}:lease:bench-0",
         ]
         bench.redis_benchmark(redis.port, sha, keys)
     finally:

@@ -10,10 +10,11 @@ import redis.asyncio as aioredis
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.emails import EmailSender, SmtpConfig
-from balance_gate.flusher import UsageFlusher
+from balance_gate.flusher import UsageFlusher, consumer_name
 from balance_gate.fx import FxRates
 from balance_gate.gate import Gate
 from balance_gate.http_gateway import HttpGateway
+from balance_gate.leases import LeaseConfig, LeaseManager
 from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
@@ -60,6 +61,21 @@ def smtp_config(settings: Settings) -> SmtpConfig | None:
     )
 
 
+def lease_manager(settings: Settings, hot: RedisStore) -> LeaseManager | None:
+    prefixes = tuple(p.strip() for p in settings.lease_accounts.split(",") if p.strip())
+    if not prefixes:
+        return None
+    config = LeaseConfig(
+        accounts=prefixes,
+        min_rate_per_s=settings.lease_min_rate,
+        horizon_s=settings.lease_horizon_ms / 1000,
+        ttl_ms=settings.lease_ttl_ms,
+        report_interval_s=settings.lease_report_interval_ms / 1000,
+        idle_s=settings.lease_idle_ms / 1000,
+    )
+    return LeaseManager(hot, config, holder=f"lease-{consumer_name()}")
+
+
 async def postgres_pool(settings: Settings) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         settings.database_url.get_secret_value(),
@@ -84,6 +100,7 @@ class App:
     topups: TopUps
     top_up_worker: TopUpWorker
     emails: EmailSender
+    leases: LeaseManager | None
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -101,7 +118,15 @@ class App:
         )
         pg = PostgresStore(pool)
         accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
-        gate = Gate(hot, accounts, settings.max_request_micros)
+        leases = lease_manager(settings, hot)
+        gate = Gate(
+            hot,
+            accounts,
+            settings.max_request_micros,
+            leases,
+            recall_wait_s=settings.lease_recall_wait_ms / 1000,
+            recall_poll_s=settings.lease_report_interval_ms / 1000,
+        )
         flusher = UsageFlusher(
             hot,
             pg,
@@ -121,7 +146,9 @@ class App:
             concurrency=settings.top_up_concurrency,
         )
         emails = EmailSender(pool, smtp_config(settings))
-        return cls(settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker, emails)
+        return cls(
+            settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker, emails, leases
+        )
 
     async def close(self) -> None:
         # We built the pool, so closing the client must close it too.

@@ -50,6 +50,7 @@ class ScriptCode:
     ALREADY_APPLIED: Final = 7
     OUT_OF_RANGE: Final = 8
     ALREADY_LOADED: Final = 9
+    LEASED: Final = 10
 
 
 class DenyCode:

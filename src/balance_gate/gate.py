@@ -6,6 +6,7 @@ are raised as balance_gate.errors and mapped to gRPC codes by grpc_api.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from balance_gate import metrics
 from balance_gate.accounts import Accounts
 from balance_gate.constants import DenyCode, ScriptCode
 from balance_gate.errors import FailedPrecondition, NotFound, Unavailable
+from balance_gate.leases import LeaseManager
 from balance_gate.redis_store import RedisStore, ScriptResult
 from balance_gate.validation import check_capability, check_id, check_request_amount
 
@@ -43,10 +45,21 @@ _DECISION_COUNTERS = {
 
 
 class Gate:
-    def __init__(self, hot: RedisStore, accounts: Accounts, max_request_micros: int) -> None:
+    def __init__(
+        self,
+        hot: RedisStore,
+        accounts: Accounts,
+        max_request_micros: int,
+        leases: LeaseManager | None = None,
+        recall_wait_s: float = 0.25,
+        recall_poll_s: float = 0.02,
+    ) -> None:
         self._hot = hot
         self._accounts = accounts
         self._max_request_micros = max_request_micros
+        self._leases = leases
+        self._recall_wait_s = recall_wait_s
+        self._recall_poll_s = recall_poll_s
 
     async def authorize(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
@@ -57,12 +70,43 @@ class Gate:
         check_request_amount("amount_micros", amount_micros, self._max_request_micros)
         check_capability(capability)
 
+        leases = self._leases
+        if leases is not None:
+            local = leases.try_authorize(account_id, request_id, amount_micros, capability)
+            if local is not None:
+                return self._decided(started, Decision(True, "", local[0], local[1]))
+
         result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
         if result.code == ScriptCode.NOT_LOADED:
             if not await self._accounts.ensure_loaded(account_id):
                 return self._decided(started, Decision(False, DenyCode.ACCOUNT_NOT_FOUND, 0))
             result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
-        return self._decided(started, self._decision(result))
+        if result.code == ScriptCode.LEASED:
+            result = await self._after_recall(account_id, request_id, amount_micros, capability)
+        decision = self._decision(result)
+        if leases is not None and decision.allowed and not decision.replayed:
+            leases.observe(account_id, amount_micros)
+        return self._decided(started, decision)
+
+    async def _after_recall(
+        self, account_id: str, request_id: str, amount_micros: int, capability: str
+    ) -> ScriptResult:
+        """Only leased money could pay: wait for the holders to give it back, then ask again.
+
+        Live holders return their leases at their next report; if the money is
+        still out after recall_wait_s, its holders are dead or stalled and it
+        comes back when their leases expire: until then the request is denied.
+        """
+        if self._leases is not None:
+            await self._leases.release(account_id)  # our own lease first
+        deadline = time.monotonic() + self._recall_wait_s
+        while True:
+            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+            if result.code != ScriptCode.LEASED:
+                return result
+            if time.monotonic() >= deadline:
+                return ScriptResult(ScriptCode.INSUFFICIENT_BALANCE, result.balance_micros)
+            await asyncio.sleep(self._recall_poll_s)
 
     @staticmethod
     def _decision(result: ScriptResult) -> Decision:
@@ -88,6 +132,8 @@ class Gate:
         check_id("request_id", request_id)
         check_request_amount("amount_micros", amount_micros, self._max_request_micros)
 
+        if self._leases is not None:
+            await self._leases.flush_account(account_id)  # its request record must exist
         result = await self._hot.settle(account_id, request_id, amount_micros)
         if result.code == ScriptCode.NOT_LOADED:
             if not await self._accounts.ensure_loaded(account_id):

@@ -6,6 +6,7 @@
     <prefix>:{<shard>}:usage                                usage stream of the shard
     <prefix>:{<shard>}:topup:<account_id>                   "top-up triggered" flag
     <prefix>:{<shard>}:topups                               top-up trigger stream of the shard
+    <prefix>:{<shard>}:lease:<account_id>                   hash: holder -> "<amount>:<expiry ms>"
 
 The length prefix in request keys keeps ("a:b", "c") and ("a", "b:c") apart:
 ids may contain ':' and a collision would replay another account's decision.
@@ -33,6 +34,7 @@ def _hot_keys(prefix: str, account_id: str) -> HotKeys:
         usage_stream=f"{tag}:usage",
         top_up_flag=f"{tag}:topup:{account_id}",
         top_up_stream=f"{tag}:topups",
+        leases=f"{tag}:lease:{account_id}",
     )
 
 
@@ -45,8 +47,9 @@ class HotKeys:
     usage_stream: str
     top_up_flag: str
     top_up_stream: str
+    leases: str
 
-    def for_request(self, request_id: str) -> tuple[str, str, str, str, str]:
+    def for_request(self, request_id: str) -> tuple[str, str, str, str, str, str]:
         """KEYS of the authorize and settle scripts, in their order."""
         return (
             self.account,
@@ -54,6 +57,7 @@ class HotKeys:
             self.usage_stream,
             self.top_up_flag,
             self.top_up_stream,
+            self.leases,
         )
 
 

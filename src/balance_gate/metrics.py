@@ -97,3 +97,13 @@ CREDITS_REAPPLIED = Counter(
     "balance_gate_credits_reapplied",
     "Credits found committed in Postgres but not confirmed in Redis, and applied by the sweeper.",
 )
+
+LEASED_AUTHORIZE = Counter(
+    "balance_gate_leased_authorize",
+    "Authorize decisions allowed from this sidecar's balance leases (no Redis round trip).",
+)
+LEASES_HELD = Gauge("balance_gate_leases_held", "Balance leases this sidecar holds.")
+LEASE_RECALLS = Counter(
+    "balance_gate_lease_recalls",
+    "Leases returned because another sidecar needed the money (recall).",
+)

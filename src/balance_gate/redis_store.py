@@ -31,8 +31,21 @@ from balance_gate.postgres_store import UsageEvent
 _KIND = {b"a": "authorize", b"s": "settle"}
 
 
+# Scripts that call the lease helpers get lib/leases.lua in front of them.
+_NEEDS_LEASE_LIB = frozenset({"authorize", "lease_take", "lease_report"})
+
+
 def _lua(name: str) -> str:
-    return resources.files("balance_gate").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    lua = resources.files("balance_gate").joinpath("lua")
+    source = lua.joinpath(f"{name}.lua").read_text("utf-8")
+    if name in _NEEDS_LEASE_LIB:
+        source = lua.joinpath("lib", "leases.lua").read_text("utf-8") + "\n" + source
+    return source
+
+
+def script_source(name: str) -> str:
+    """The exact source Redis runs for a script (make bench loads it too)."""
+    return _lua(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +60,32 @@ class ScriptResult:
 
 @dataclass(frozen=True, slots=True)
 class HotAccount:
-    balance_micros: int
+    balance_micros: int  # what the customer holds: includes money leased to sidecars
     unflushed_micros: int
     status: str
+    leased_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    granted_micros: int  # -1: the account is not in Redis
+    balance_micros: int  # balance + leased after the grant
+    held_micros: int  # this holder's whole lease now
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReport:
+    balance_micros: int  # balance + leased after the report
+    held_micros: int  # this holder's lease as Redis now counts it
+    recall: bool  # another sidecar needs the money: return the lease
+    duplicates: tuple[str, ...]  # request ids already decided elsewhere: not charged
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedUse:
+    request_id: str
+    amount_micros: int
+    capability: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +210,8 @@ class RedisStore:
         self._sync: AsyncScript = client.register_script(_lua("sync_account"))
         self._ack = ScriptBatcher(client, _lua("ack_usage"), batch_max)
         self._set_fields: AsyncScript = client.register_script(_lua("set_fields"))
+        self._lease_take = ScriptBatcher(client, _lua("lease_take"), batch_max)
+        self._lease_report = ScriptBatcher(client, _lua("lease_report"), batch_max)
 
     # --- the hot path -----------------------------------------------------
 
@@ -201,17 +239,63 @@ class RedisStore:
         )
         return ScriptResult(reply[0], reply[1], reply[2], reply[3] == 1)
 
+    # --- balance leases (leases.py, lua/lib/leases.lua) ------------------
+
+    async def lease_take(
+        self, holder: str, account_id: str, want_micros: int, min_micros: int, ttl_ms: int
+    ) -> LeaseGrant:
+        hot = self.keys.hot(account_id)
+        reply = await self._lease_take.call(
+            (hot.account, hot.leases), (holder, str(want_micros), str(min_micros), str(ttl_ms))
+        )
+        return LeaseGrant(reply[0], reply[1], reply[2])
+
+    async def lease_report(
+        self,
+        holder: str,
+        account_id: str,
+        uses: Sequence[LeasedUse],
+        ttl_ms: int,
+        *,
+        return_all: bool,
+    ) -> LeaseReport:
+        hot = self.keys.hot(account_id)
+        keys = [hot.account, hot.leases, hot.usage_stream, hot.top_up_flag, hot.top_up_stream]
+        args = [
+            holder,
+            str(ttl_ms),
+            "1" if return_all else "0",
+            account_id,
+            self._request_ttl,
+            self._trigger_ttl,
+        ]
+        for use in uses:
+            keys.append(hot.request_prefix + use.request_id)
+            args += [use.request_id, str(use.amount_micros), use.capability]
+        reply = await self._lease_report.call(keys, args)
+        return LeaseReport(
+            reply[0], reply[1], reply[2] == 1, tuple(rid.decode() for rid in reply[3:])
+        )
+
+    async def recalled(self, account_ids: Sequence[str]) -> list[bool]:
+        """For each account: has another sidecar asked for its leases back?"""
+        pipe = self.client.pipeline(transaction=False)
+        for account_id in account_ids:
+            pipe.hexists(self.keys.account(account_id), "recall")
+        return [bool(flag) for flag in await pipe.execute()]
+
     # --- account state ----------------------------------------------------
 
     async def read_account(self, account_id: str) -> HotAccount | None:
-        balance, unflushed, status = await self.client.hmget(
-            self.keys.account(account_id), ["balance", "unflushed", "status"]
+        balance, unflushed, status, leased = await self.client.hmget(
+            self.keys.account(account_id), ["balance", "unflushed", "status", "leased"]
         )
         if balance is None:
             return None
         assert isinstance(status, bytes)
         assert unflushed is not None
-        return HotAccount(int(balance), int(unflushed), status.decode())
+        held = int(leased or 0)
+        return HotAccount(int(balance) + held, int(unflushed), status.decode(), held)
 
     async def apply_credit(
         self, account_id: str, credit_id: int, amount_micros: int

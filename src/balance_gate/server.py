@@ -103,6 +103,7 @@ class Sidecar:
         self._admin_port = self._admin.add_insecure_port(settings.admin_listen)
         self._metrics: WSGIServer | None = None
         self._stop_background = asyncio.Event()
+        self._stop_leases = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> Listening:
@@ -121,6 +122,10 @@ class Sidecar:
             ),
             asyncio.create_task(self.app.emails.run(self._stop_background), name="email-sender"),
         ]
+        if self.app.leases is not None:
+            self._tasks.append(
+                asyncio.create_task(self.app.leases.run(self._stop_leases), name="lease-reporter")
+            )
         await self._gate.start()
         await self._admin.start()
         for checker, service in (
@@ -136,6 +141,10 @@ class Sidecar:
         await self._gate_health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
         await asyncio.gather(self._gate.stop(grace_s), self._admin.stop(grace_s))
+        # Leases go back (and their usage into the streams) before the flusher drains.
+        self._stop_leases.set()
+        if self.app.leases is not None:
+            await self.app.leases.close()
         self._stop_background.set()
         for task in self._tasks:
             if task.get_name() == "credit-sweeper":

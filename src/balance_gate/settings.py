@@ -165,6 +165,33 @@ class Settings(BaseSettings):
         le=10_000,
         description="Most Authorize/Settle scripts sent to Redis in one pipeline.",
     )
+    lease_accounts: str = Field(
+        default="",
+        description="Balance leasing (docs/leasing.md): comma-separated account id prefixes"
+        " whose busy accounts a sidecar may authorize from memory; '*' for all; empty: off.",
+    )
+    lease_min_rate: int = Field(
+        default=20, ge=1, description="Requests/s an account must reach here before a lease."
+    )
+    lease_horizon_ms: int = Field(
+        default=1_000, ge=10, description="A lease holds about this much of the recent spend."
+    )
+    lease_ttl_ms: int = Field(
+        default=5_000,
+        ge=100,
+        description="Lease lifetime in Redis; a dead sidecar's lease returns after it.",
+    )
+    lease_report_interval_ms: int = Field(
+        default=20, ge=1, le=1_000, description="How often leased usage is reported to Redis."
+    )
+    lease_idle_ms: int = Field(
+        default=2_000, ge=1, description="A lease unused this long is given back."
+    )
+    lease_recall_wait_ms: int = Field(
+        default=250,
+        ge=0,
+        description="How long a request that only leased money could pay waits for it back.",
+    )
     shutdown_grace_ms: int = Field(
         default=5_000, ge=0, description="How long in-flight calls may finish on SIGTERM."
     )

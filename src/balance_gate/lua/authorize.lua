@@ -1,11 +1,13 @@
 --[[
   Decide one proxied request: de-duplicate, check, debit, record usage. Atomic.
+  (lib/leases.lua is prepended.)
 
-  KEYS[1] account hash    {balance, unflushed, status}
+  KEYS[1] account hash    {balance, unflushed, status, leased, recall, at_on, at_thr}
   KEYS[2] request record  "<authorized>" or "<authorized>:<settled>", expires after ARGV[3] s
   KEYS[3] usage stream of the account's shard
   KEYS[4] the account's "top-up triggered" flag (expires: a lost trigger never blocks)
   KEYS[5] top-up trigger stream of the account's shard
+  KEYS[6] the account's lease hash (holder -> "<amount>:<expiry ms>")
 
   ARGV[1] amount (decimal integer string, >= 0, <= 2^53-1)
   ARGV[2] the amount negated, as a string (never "-0": HINCRBY rejects it)
@@ -13,53 +15,67 @@
   ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
   ARGV[7] lifetime of a trigger flag in seconds
 
-  A decision that leaves the balance under the auto top-up threshold (field
-  at_thr, when at_on = '1') raises ONE trigger: only if the flag was not set.
-  A denial raises it too (P9: the request fails, the top-up still starts).
+  Balances returned are what the customer holds: balance + leased.
+  A decision that leaves that under the auto top-up threshold (field at_thr,
+  when at_on = '1') raises ONE trigger: only if the flag was not set. A denial
+  raises it too (P9: the request fails, the top-up still starts).
 
   Returns {code, balance, replayed}
-    0 OK                    allowed (replayed = 1 when the request_id was already allowed)
-    1 INSUFFICIENT_BALANCE  nothing debited, nothing recorded
-    2 ACCOUNT_DISABLED      nothing debited, nothing recorded
-    3 NOT_LOADED            the account is not in Redis: load it from Postgres and retry
-    4 AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
+    0  OK                    allowed (replayed = 1 when the request_id was already allowed)
+    1  INSUFFICIENT_BALANCE  nothing debited, nothing recorded
+    2  ACCOUNT_DISABLED      nothing debited, nothing recorded
+    3  NOT_LOADED            the account is not in Redis: load it from Postgres and retry
+    4  AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
+    10 LEASED                the balance cannot pay but leases hold money: their holders
+                             are asked to return it ('recall'); retry shortly
 ]]
-local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr')
-local status, balance = account[1], account[2]
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr', 'leased')
+local status = account[1]
+if not status then
+  return {3, 0, 0}
+end
+local balance = tonumber(account[2])
+local leased = tonumber(account[5] or '0')
 
-local function maybe_trigger(current)
-  if account[3] == '1' and tonumber(current) < tonumber(account[4]) then
+local function maybe_trigger(held)
+  if account[3] == '1' and held < tonumber(account[4]) then
     if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[7]) then
       redis.call('XADD', KEYS[5], '*', 'a', ARGV[4])
     end
   end
-end
-if not status then
-  return {3, 0, 0}
 end
 
 local prior = redis.call('GET', KEYS[2])
 if prior then
   local authorized = string.match(prior, '^(%d+)')
   if authorized ~= ARGV[1] then
-    return {4, tonumber(balance), 0}
+    return {4, balance + leased, 0}
   end
-  return {0, tonumber(balance), 1}
+  return {0, balance + leased, 1}
 end
 
 if status ~= 'active' then
-  return {2, tonumber(balance), 0}
+  return {2, balance + leased, 0}
 end
-if tonumber(balance) < tonumber(ARGV[1]) then
-  maybe_trigger(balance)
-  return {1, tonumber(balance), 0}
+local amount = tonumber(ARGV[1])
+if balance < amount and leased > 0 then
+  local back = reclaim_expired(KEYS[1], KEYS[6], now_ms())
+  balance, leased = balance + back, leased - back
+  if balance < amount and leased > 0 then
+    redis.call('HSET', KEYS[1], 'recall', '1')
+    return {10, balance + leased, 0}
+  end
+end
+if balance < amount then
+  maybe_trigger(balance + leased)
+  return {1, balance + leased, 0}
 end
 
-if ARGV[1] ~= '0' then
+if amount ~= 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'unflushed', ARGV[1])
 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ARGV[5], 'm', ARGV[1], 'c', ARGV[6])
-maybe_trigger(balance)
-return {0, tonumber(balance), 0}
+maybe_trigger(balance + leased)
+return {0, balance + leased, 0}

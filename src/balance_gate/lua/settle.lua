@@ -10,7 +10,8 @@
   ARGV[4] lifetime of a trigger flag in seconds
 
   An extra debit that leaves the balance under the auto top-up threshold raises
-  one trigger, as in authorize.lua.
+  one trigger, as in authorize.lua. Balances are what the customer holds:
+  balance + leased (lib/leases.lua).
 
   Returns {code, balance, delta, replayed}
     0 OK                 delta = final - authorized; replayed = 1 when settled before with
@@ -32,7 +33,9 @@ if settled ~= '' then
   if settled ~= ARGV[1] then
     return {6, 0, tonumber(settled), 0}
   end
-  return {0, tonumber(redis.call('HGET', KEYS[1], 'balance')), tonumber(settled) - tonumber(authorized), 1}
+  local held = redis.call('HMGET', KEYS[1], 'balance', 'leased')
+  local balance = tonumber(held[1]) + tonumber(held[2] or '0')
+  return {0, balance, tonumber(settled) - tonumber(authorized), 1}
 end
 
 local delta = tonumber(ARGV[1]) - tonumber(authorized)
@@ -45,7 +48,8 @@ else
   balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 end
 redis.call('SET', KEYS[2], authorized .. ':' .. ARGV[1], 'KEEPTTL')
-local auto = redis.call('HMGET', KEYS[1], 'at_on', 'at_thr')
+local auto = redis.call('HMGET', KEYS[1], 'at_on', 'at_thr', 'leased')
+balance = balance + tonumber(auto[3] or '0')
 if auto[1] == '1' and balance < tonumber(auto[2]) then
   if redis.call('SET', KEYS[4], '1', 'NX', 'EX', ARGV[4]) then
     redis.call('XADD', KEYS[5], '*', 'a', ARGV[2])

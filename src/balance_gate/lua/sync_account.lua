@@ -14,9 +14,11 @@
   ARGV[4] marker TTL in seconds
   ARGV[5] auto top-up on ('1' | '0')      ARGV[6] auto top-up threshold, micro-USD
 
-  Invariant kept: balance + unflushed = ledger balance, because every debit
-  moves an amount from balance to unflushed and every acknowledged flush
-  removes it from unflushed once it is in the ledger.
+  Invariant kept: balance + leased + unflushed = ledger balance, because every
+  debit moves an amount from balance (or a lease) to unflushed, and every
+  acknowledged flush removes it from unflushed once it is in the ledger.
+  'leased' is money that sidecars hold as leases (lib/leases.lua): it is not
+  touched here; the returned balance is balance + leased.
 
   Returns {code, balance, correction}
     0 OK              loaded (correction 0) or reconciled (correction applied)
@@ -28,18 +30,19 @@ local function mark_credits()
   end
 end
 
-local current = redis.call('HMGET', KEYS[1], 'balance', 'unflushed')
+local current = redis.call('HMGET', KEYS[1], 'balance', 'unflushed', 'leased')
 if not current[1] then
   redis.call('HSET', KEYS[1], 'balance', ARGV[2], 'unflushed', '0', 'status', ARGV[3],
     'at_on', ARGV[5], 'at_thr', ARGV[6])
   mark_credits()
   return {0, tonumber(ARGV[2]), 0}
 end
+local leased = tonumber(current[3] or '0')
 if ARGV[1] == 'load' then
-  return {9, tonumber(current[1]), 0}
+  return {9, tonumber(current[1]) + leased, 0}
 end
 
-local expected = tonumber(ARGV[2]) - tonumber(current[2])
+local expected = tonumber(ARGV[2]) - tonumber(current[2]) - leased
 local correction = expected - tonumber(current[1])
 local balance = tonumber(current[1])
 if correction ~= 0 then
@@ -47,4 +50,4 @@ if correction ~= 0 then
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'at_on', ARGV[5], 'at_thr', ARGV[6])
 mark_credits()
-return {0, balance, correction}
+return {0, balance + leased, correction}

@@ -1,0 +1,48 @@
+--[[
+  Grant (or enlarge) this sidecar's lease on an account's balance. Atomic.
+  (lib/leases.lua is prepended.)
+
+  KEYS[1] account hash    KEYS[2] the account's lease hash
+
+  ARGV[1] holder (the sidecar's id)
+  ARGV[2] wanted amount   ARGV[3] smallest grant worth having
+  ARGV[4] lease lifetime in ms (the holder stops using it earlier)
+
+  Leases stay away from the floor (0): a grant is at most half of the free
+  balance, so as the balance falls leases shrink, and none is granted while
+  a recall is pending or the account is not active.
+
+  Returns {granted, balance + leased, the holder's lease now}
+    granted = -1 when the account is not in Redis (NOT_LOADED)
+]]
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'leased', 'recall')
+if not account[1] then
+  return {-1, 0, 0}
+end
+local now = now_ms()
+local back = reclaim_expired(KEYS[1], KEYS[2], now)
+local balance = tonumber(account[2]) + back
+local leased = tonumber(account[3] or '0') - back
+if leased <= 0 then
+  account[4] = false  -- reclaim_expired cleared a pending recall
+end
+
+local mine = redis.call('HGET', KEYS[2], ARGV[1])
+local held = 0
+if mine then
+  held = tonumber(string.match(mine, '^(%d+):'))
+end
+
+local grant = math.min(tonumber(ARGV[2]), math.floor(balance / 2))
+if account[1] ~= 'active' or account[4] or grant < tonumber(ARGV[3]) then
+  grant = 0
+end
+if grant > 0 then
+  balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -grant))
+  leased = redis.call('HINCRBY', KEYS[1], 'leased', string.format('%d', grant))
+  held = held + grant
+end
+if held > 0 then
+  redis.call('HSET', KEYS[2], ARGV[1], string.format('%d:%d', held, now + tonumber(ARGV[4])))
+end
+return {grant, balance + leased, held}
