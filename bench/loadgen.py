@@ -61,6 +61,7 @@ class Tally:
     denied: int = 0
     errors: int = 0
     late: int = 0  # open loop: calls not started because too many were in flight
+    answered_all: int = 0  # answers including the warm-up's (for CPU per call)
     latencies_us: array[float] = field(default_factory=lambda: array("d"))
 
     def answer(self, response: gate_pb2.AuthorizeResponse, started: float) -> None:
@@ -98,6 +99,7 @@ class Worker:
         )
 
     def record(self, response: gate_pb2.AuthorizeResponse, started: float) -> None:
+        self.tally.answered_all += 1
         if self.measuring:
             self.tally.answer(response, started)
 
@@ -231,6 +233,7 @@ def _worker_main(plan: Plan, index: int, out: Connection) -> None:
                 "denied": tally.denied,
                 "errors": tally.errors,
                 "late": tally.late,
+                "answered_all": tally.answered_all,
                 "cpu_s": worker.tally_cpu,
             }
         ).encode()
@@ -258,7 +261,15 @@ def run(plan: Plan, processes: int) -> dict[str, Any]:
         send.close()
         pipes.append(receive)
         workers.append(process)
-    totals = {"calls": 0, "allowed": 0, "denied": 0, "errors": 0, "late": 0, "cpu_s": 0.0}
+    totals = {
+        "calls": 0,
+        "allowed": 0,
+        "denied": 0,
+        "errors": 0,
+        "late": 0,
+        "answered_all": 0,
+        "cpu_s": 0.0,
+    }
     latencies = array("d")
     for receive in pipes:
         part = json.loads(receive.recv_bytes())

@@ -147,6 +147,7 @@ class Bench:
     def __init__(self, scale: Scale, work: Path) -> None:
         self.scale = scale
         self.work = work
+        self.store_pids: dict[str, int] = {}  # redis, postgres: their CPU is counted too
         self.results: dict[str, Any] = {"runs": [], "redis_benchmark": {}}
         self.counter = 0
 
@@ -171,13 +172,19 @@ class Bench:
         for key, value in plan.items():
             setattr(base, key, value)
         cpu_before = _cpu_seconds(server_pid)
+        stores_before = {name: _cpu_seconds(pid) for name, pid in self.store_pids.items()}
         result = loadgen.run(base, processes)
         server_cpu = _cpu_seconds(server_pid) - cpu_before
+        stores_cpu = {
+            name: _cpu_seconds(pid) - stores_before[name] for name, pid in self.store_pids.items()
+        }
         result["name"] = name
-        # Includes the warm-up calls, which were answered but not counted: an upper bound.
-        result["server_cpu_us_per_call"] = (
-            server_cpu / result["calls"] * 1e6 if result["calls"] else 0.0
-        )
+        # Over the whole run, warm-up included, so divided by every call answered.
+        # It includes the background work the calls cause (flushing, lease reports).
+        answered = result["answered_all"]
+        result["server_cpu_us_per_call"] = server_cpu / answered * 1e6 if answered else 0.0
+        for name, seconds in stores_cpu.items():
+            result[f"{name}_cpu_us_per_call"] = seconds / answered * 1e6 if answered else 0.0
         self.results["runs"].append(result)
         print(_row(result), flush=True)
         return result
@@ -215,6 +222,8 @@ def _row(result: dict[str, Any]) -> str:
         f"{result['name']:<34} {result['throughput']:>9,.0f}/s  p50 {result['p50_us']:>7,.0f}us"
         f"  p99 {result['p99_us']:>7,.0f}us  p99.9 {result['p999_us']:>7,.0f}us"
         f"  server {result['server_cpu_us_per_call']:>5,.0f}us CPU/call"
+        f" (redis {result.get('redis_cpu_us_per_call', 0):>3,.0f}"
+        f" pg {result.get('postgres_cpu_us_per_call', 0):>3,.0f})"
         f"  client {result['generator_cpu_per_s']:.2f} cores"
         f"  denied {result['denied']} errors {result['errors']}"
     )
@@ -245,9 +254,13 @@ def run(scale: Scale, out_dir: Path) -> dict[str, Any]:
         redis.start()
         postgres.start()
         postgres.ensure_database("balance_gate")
+        for name, server in (("redis", redis), ("postgres", postgres)):
+            if server.pid is not None:
+                bench.store_pids[name] = server.pid
         bench.results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
         for workers in scale.worker_counts:
             _measure_workers(bench, redis, postgres, workers)
+        _measure_leased(bench, redis, postgres)
         sha = _script_sha(redis.port)
         keys = [
             "bg:{0}:acct:bench-0",
@@ -323,6 +336,29 @@ def _measure_workers(
                 result["offered"] = rate
 
 
+def _measure_leased(bench: Bench, redis: RedisServer, postgres: PostgresServer) -> None:
+    """The gate with balance leasing on for the benchmark accounts (docs/leasing.md)."""
+    ports = {"gate": free_port(), "admin": free_port(), "metrics": free_port()}
+    env = {
+        **_env(redis, postgres, ports),
+        "BALANCE_GATE_LEASE_ACCOUNTS": "bench-",
+        "BALANCE_GATE_LEASE_MIN_RATE": "2",
+        "BALANCE_GATE_LEASE_IDLE_MS": "10000",
+    }
+    args = [str(BIN / "balance-gate"), "serve"]
+    with _process(args, env, bench.work / "gate-leased.log", _serving(ports["gate"])) as pid:
+        # Leases open after a second of steady traffic per account: warm up longer.
+        warm = bench.scale.warmup_s * 3
+        bench.load(
+            "leased low-load w1", ports["gate"], pid, concurrency=1, channels=1, warmup_s=warm
+        )
+        bench.load("leased unary w1", ports["gate"], pid, warmup_s=warm)
+        bench.load(
+            "leased stream w1", ports["gate"], pid,
+            mode="stream", concurrency=bench.scale.stream_window, warmup_s=warm,
+        )  # fmt: skip
+
+
 # --- report --------------------------------------------------------------------
 
 
@@ -343,7 +379,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "gate_unary_w2_vs_w1": ratio("gate unary w2", "gate unary w1"),
         "noop_unary_w2_vs_w1": ratio("noop unary w2", "noop unary w1"),
     }
+    summary["leased_unary_vs_noop_w1"] = ratio("leased unary w1", "noop unary w1")
+    summary["leased_stream_vs_noop_stream_w1"] = ratio("leased stream w1", "noop stream w1")
+    summary["leased_stream_vs_leased_unary_w1"] = ratio("leased stream w1", "leased unary w1")
     gate_low, noop_low = _find(results, "gate low-load w1"), _find(results, "noop low-load w1")
+    leased_low = _find(results, "leased low-load w1")
+    if leased_low:
+        summary["leased_low_load_p50_us"] = leased_low["p50_us"]
     if gate_low and noop_low:
         summary["low_load_p50_us"] = {"gate": gate_low["p50_us"], "noop": noop_low["p50_us"]}
         summary["low_load_p50_overhead_us"] = gate_low["p50_us"] - noop_low["p50_us"]

@@ -113,6 +113,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
         if port_is_open(self.port):
             raise RuntimeError(f"port {self.port} is already in use; choose another Redis port")
@@ -165,6 +169,11 @@ class PostgresServer:
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid; its children are the backends."""
+        return None if self._process is None else self._process.pid
 
     @property
     def _uid(self) -> int | None:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ _RECENT_IDS = 4_096  # request ids a lease remembers for local replays
 _REPORT_EARLY_AT = 256  # pending uses that make a report go out before its interval
 _TAKE_COOLDOWN_S = 1.0  # after a refused grant, do not ask again this soon
 _MAX_TRACKED_ACCOUNTS = 100_000
+_RECALL_POLL_S = 0.1  # how often leases with nothing to report look for a recall
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Lease:
     balance_seen: int = 0  # balance + leased in the last reply
     pending: list[LeasedUse] = field(default_factory=list)
     pending_micros: int = 0
-    recent: dict[str, int] = field(default_factory=dict)
+    recent: OrderedDict[str, int] = field(default_factory=OrderedDict)
     last_used: float = 0.0
     taking: bool = False  # a grant is asked for (or queued behind the lock)
     closing: bool = False  # released: no local decision, no new grant
@@ -106,6 +108,8 @@ class LeaseManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._report_now = asyncio.Event()
         self._closed = False
+        self._rounds = 0
+        self._recall_poll_every = max(1, round(_RECALL_POLL_S / config.report_interval_s))
 
     # --- the hot path: no await -----------------------------------------------
 
@@ -134,7 +138,7 @@ class LeaseManager:
         lease.pending_micros += amount_micros
         lease.recent[request_id] = amount_micros
         if len(lease.recent) > _RECENT_IDS:
-            del lease.recent[next(iter(lease.recent))]
+            lease.recent.popitem(last=False)  # O(1); a dict's first key is not
         lease.last_used = now
         if lease.remaining < lease.target // 2:
             self._refill(lease)
@@ -266,8 +270,9 @@ class LeaseManager:
                 due.append(self._report(lease, return_all=False))  # learns of a recall too
             else:
                 quiet.append(lease.account_id)
-        if quiet:
-            # Leases with nothing to report still answer a recall within an interval.
+        self._rounds += 1
+        if quiet and self._rounds % self._recall_poll_every == 0:
+            # Leases with nothing to report still answer a recall, within ~100 ms.
             recalled = await self._hot.recalled(quiet)
             due += [self.release(a) for a, wanted in zip(quiet, recalled, strict=True) if wanted]
         # Called together: the reports share one pipeline (ScriptBatcher).
