@@ -48,6 +48,7 @@ _RECENT_IDS = 4_096  # request ids a lease remembers for local replays
 _REPORT_EARLY_AT = 256  # pending uses that make a report go out before its interval
 _TAKE_COOLDOWN_S = 1.0  # after a refused grant, do not ask again this soon
 _MAX_TRACKED_ACCOUNTS = 100_000
+_RESIZE_EVERY_S = 0.5  # how often a lease's target follows the measured spend
 _RECALL_POLL_S = 0.1  # how often leases with nothing to report look for a recall
 
 
@@ -68,7 +69,10 @@ class LeaseConfig:
 class Lease:
     account_id: str
     remaining: int = 0  # micros this sidecar may still allow
-    target: int = 0  # size we aim to hold
+    target: int = 0  # size we aim to hold: about horizon_s of this account's spend
+    smallest: int = 1  # the smallest grant worth asking for
+    spent_since: float = 0.0  # when the spend below started being counted
+    spent: int = 0  # micros allowed from the lease since spent_since
     usable_until: float = 0.0  # local clock; well before Redis's expiry
     renew_at: float = 0.0
     balance_seen: int = 0  # balance + leased in the last reply
@@ -134,6 +138,7 @@ class LeaseManager:
             self._refill(lease)
             return None
         lease.remaining -= amount_micros
+        lease.spent += amount_micros
         lease.pending.append(LeasedUse(request_id, amount_micros, capability))
         lease.pending_micros += amount_micros
         lease.recent[request_id] = amount_micros
@@ -169,7 +174,9 @@ class LeaseManager:
             return
         want = int(rate.micros / elapsed * self.config.horizon_s)
         smallest = max(1, 4 * rate.micros // rate.count)
-        self._refill(self._lease_for(account_id, max(want, smallest)), smallest)
+        lease = self._lease_for(account_id, max(want, smallest))
+        lease.smallest = smallest
+        self._refill(lease, smallest)
 
     async def acquire(self, account_id: str, want_micros: int, smallest_micros: int = 1) -> int:
         """Take (or enlarge) this account's lease now; the micros granted (0: none)."""
@@ -187,9 +194,18 @@ class LeaseManager:
     def _lease_for(self, account_id: str, target: int) -> Lease:
         lease = self._leases.get(account_id)
         if lease is None:
-            lease = self._leases[account_id] = Lease(account_id, last_used=self._clock())
+            now = self._clock()
+            lease = self._leases[account_id] = Lease(account_id, last_used=now, spent_since=now)
         lease.target = max(lease.target, target)
         return lease
+
+    def _resize(self, lease: Lease, now: float) -> None:
+        """Follow the account's spend: the lease should last about horizon_s."""
+        elapsed = now - lease.spent_since
+        if elapsed < _RESIZE_EVERY_S:
+            return
+        lease.target = max(lease.smallest, int(lease.spent / elapsed * self.config.horizon_s))
+        lease.spent, lease.spent_since = 0, now
 
     # --- taking and refilling -------------------------------------------------
 
@@ -347,6 +363,7 @@ class LeaseManager:
             self._spawn(self.release(lease.account_id))  # after this report's lock
             return
         self._renewed(lease, sent_at)
+        self._resize(lease, sent_at)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -141,10 +141,12 @@ class Sidecar:
         await self._gate_health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
         await asyncio.gather(self._gate.stop(grace_s), self._admin.stop(grace_s))
-        # Leases go back (and their usage into the streams) before the flusher drains.
+        # Leases go back (and their usage into the streams) before the flusher drains:
+        # the lease reporter returns them all when told to stop.
         self._stop_leases.set()
-        if self.app.leases is not None:
-            await self.app.leases.close()
+        for task in self._tasks:
+            if task.get_name() == "lease-reporter":
+                await task
         self._stop_background.set()
         for task in self._tasks:
             if task.get_name() == "credit-sweeper":

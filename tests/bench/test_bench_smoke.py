@@ -26,4 +26,6 @@ def test_bench_smoke_run_measures_gate_and_limits(tmp_path: Path) -> None:
         assert runs[name]["server_cpu_us_per_call"] > 0, name
     assert results["summary"]["unary_throughput_vs_noop_w1"] > 0
     assert results["redis_benchmark"]["unpipelined"]["rps"] > 0
+    # redis-benchmark ran the real debit, not an early return on a missing account.
+    assert results["redis_benchmark"]["debited_share"] > 0.9
     assert (tmp_path / "latency-vs-load.png").stat().st_size > 10_000

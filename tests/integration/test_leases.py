@@ -198,3 +198,23 @@ async def test_leased_and_plain_traffic_race_without_overspending(
         await leases_of(leased).close()
         await wait_until_flushed(plain)
         assert await ledger_balance(plain, "race") == 0
+
+
+async def test_disabling_an_account_recalls_its_leases(settings: Settings) -> None:
+    """A disabled account stops being allowed from memory within about 100 ms."""
+    async with sidecar(_leasing(settings)) as app:
+        await fund(app, "gone", 1 * USD)
+        assert await leases_of(app).acquire("gone", 20 * CENT) > 0
+        allowed = int((await app.gate.authorize("gone", rid(), CENT, "")).allowed)
+        await app.accounts.set_status("gone", "disabled")
+
+        async def denied() -> bool:
+            nonlocal allowed
+            decision = await app.gate.authorize("gone", rid(), CENT, "")
+            allowed += decision.allowed
+            return decision.code == "account_disabled"
+
+        await eventually(denied, timeout_s=5)
+        assert leases_of(app).held("gone") == 0
+        await wait_until_flushed(app)
+        assert await ledger_balance(app, "gone") == 1 * USD - allowed * CENT

@@ -5,10 +5,18 @@
   KEYS[1] account hash
   ARGV    field, value, field, value, ...
 
+  A status other than 'active' also recalls the account's leases
+  (lib/leases.lua), so sidecars stop allowing from memory within a report
+  interval or so.
+
   Returns 1 when set, 0 when the account is not loaded.
 ]]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
+local state = redis.call('HMGET', KEYS[1], 'status', 'leased')
+if state[1] ~= 'active' and tonumber(state[2] or '0') > 0 then
+  redis.call('HSET', KEYS[1], 'recall', '1')
+end
 return 1
