@@ -309,16 +309,27 @@ class LeaseManager:
         lease.usable_until = 0.0  # no local decision from here on
         try:
             await self._report(lease, return_all=True)
-        finally:
-            self._forget(lease)
+        except BaseException:
+            # Keep it, with the uses it has not reported, for the next round.
+            lease.closing = False
+            raise
+        self._forget(lease)
 
     async def close(self) -> None:
         """Shutdown: return every lease (after the listeners stopped)."""
         self._closed = True
-        await asyncio.gather(*(self.release(a) for a in list(self._leases)))
+        await asyncio.gather(*(self.release(a) for a in list(self._leases)), return_exceptions=True)
         for task in list(self._tasks):
             with contextlib.suppress(Exception):
                 await task
+        for lease in self._leases.values():
+            # Redis did not answer: these were allowed and will never be charged.
+            log.error(
+                "lease on %r not returned: %d uses (%d micros) unreported",
+                lease.account_id,
+                len(lease.pending),
+                lease.pending_micros,
+            )
 
     async def _report(self, lease: Lease, *, return_all: bool) -> None:
         async with lease.lock:

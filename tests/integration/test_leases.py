@@ -9,11 +9,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from balance_gate.app import App
 from balance_gate.leases import LeaseManager
+from balance_gate.redis_store import LeaseReport
 from balance_gate.settings import Settings
 from tests.helpers import USD, fund, ledger_balance, rid, wait_until_flushed
 
@@ -218,3 +221,32 @@ async def test_disabling_an_account_recalls_its_leases(settings: Settings) -> No
         assert leases_of(app).held("gone") == 0
         await wait_until_flushed(app)
         assert await ledger_balance(app, "gone") == 1 * USD - allowed * CENT
+
+
+async def test_a_failed_return_keeps_the_unreported_uses(settings: Settings) -> None:
+    """Redis fails once as a lease goes back: nothing allowed from it is lost."""
+    async with sidecar(_leasing(settings), reporting=False) as app:
+        await fund(app, "flaky", 1 * USD)
+        leases = leases_of(app)
+        assert await leases.acquire("flaky", 30 * CENT) > 0
+        for _ in range(5):
+            assert (await app.gate.authorize("flaky", rid(), CENT, "")).allowed
+        real_report = app.hot.lease_report
+        failures: list[int] = []
+
+        async def fails_once(*args: Any, **kwargs: Any) -> LeaseReport:
+            if not failures:
+                failures.append(1)
+                raise RedisConnectionError("injected: Redis went away")
+            return await real_report(*args, **kwargs)
+
+        app.hot.lease_report = fails_once  # type: ignore[method-assign]
+        with pytest.raises(RedisConnectionError):
+            await leases.release("flaky")
+        assert not (await app.gate.authorize("flaky", rid(), CENT, "")).replayed
+        await leases.release("flaky")  # the next round succeeds
+        await wait_until_flushed(app)
+        assert await ledger_balance(app, "flaky") == 1 * USD - 6 * CENT
+        hot = await app.hot.read_account("flaky")
+        assert hot is not None
+        assert hot.leased_micros == 0
