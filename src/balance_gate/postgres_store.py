@@ -244,7 +244,24 @@ class PostgresStore:
                 account_id,
                 amount_micros,
             )
+            await self._book_lots(conn, account_id, credit_id, kind, amount_micros)
         return CreditRow(credit_id, account_id, amount_micros, hot_applied=False)
+
+    @staticmethod
+    async def _book_lots(
+        conn: Connection, account_id: str, credit_id: int, kind: str, amount_micros: int
+    ) -> None:
+        """A positive credit opens a lot; an operator's debit burns lots like usage.
+
+        Refunds and expiries are negative credits too, but they book their own
+        lot (its refunded or expired part), so they are not burnt here.
+        """
+        if amount_micros > 0:
+            await conn.execute(
+                "SELECT open_lot($1, $2, $3, $4)", account_id, credit_id, kind, amount_micros
+            )
+        elif kind == "adjustment":
+            await conn.execute("SELECT burn_down($1, $2)", account_id, -amount_micros)
 
     async def mark_credit_applied(self, conn: Connection, credit_id: int) -> None:
         await conn.execute("UPDATE credits SET hot_applied = true WHERE credit_id = $1", credit_id)
@@ -276,7 +293,7 @@ class PostgresStore:
                 " ORDER BY account_id FOR UPDATE",
                 sorted({e.account_id for e in events}),
             )
-            inserted: int = await conn.fetchval(
+            burnt = await conn.fetch(
                 """WITH new AS (
                        INSERT INTO usage_events (account_id, request_id, kind, amount_micros,
                                                  capability, occurred_at, stream_entry_id)
@@ -290,9 +307,9 @@ class PostgresStore:
                    ), updated AS (
                        UPDATE accounts a SET used_micros = a.used_micros + t.used
                        FROM totals t WHERE a.account_id = t.account_id
-                       RETURNING t.n
+                       RETURNING t.account_id, t.used, t.n
                    )
-                   SELECT coalesce(sum(n), 0)::int FROM updated""",
+                   SELECT account_id, used, n FROM updated""",
                 [e.account_id for e in events],
                 [e.request_id for e in events],
                 [e.kind for e in events],
@@ -301,6 +318,13 @@ class PostgresStore:
                 [e.occurred_at for e in events],
                 [e.stream_entry_id for e in events],
             )
+            # The lots pay for what was inserted (issue 5), in the same transaction.
+            await conn.execute(
+                "SELECT burn_down(a, u) FROM unnest($1::text[], $2::bigint[]) AS t(a, u)",
+                [row["account_id"] for row in burnt],
+                [row["used"] for row in burnt],
+            )
+            inserted = sum(int(row["n"]) for row in burnt)
             if inserted == len(events):
                 return UsageRecorded(inserted, frozenset())
             duplicates = await self._debited_twice(conn, events)
@@ -332,6 +356,21 @@ class PostgresStore:
             for e in events
             if recorded[(e.account_id, e.request_id, e.kind)] != e.stream_entry_id
         )
+
+    async def lot_balance(self, account_id: str) -> int:
+        """Unconsumed credit in the account's lots minus its unpaid usage.
+
+        Equals the ledger balance (credited - used) at every commit: the lot
+        invariant of issue 5, which the audit and the property test check.
+        """
+        total: int = await self._pool.fetchval(
+            """SELECT coalesce((SELECT sum(amount_micros - consumed_micros - refunded_micros
+                                           - expired_micros)
+                                FROM credit_lots WHERE account_id = $1), 0)
+                      - (SELECT unpaid_micros FROM accounts WHERE account_id = $1)""",
+            account_id,
+        )
+        return total
 
     async def usage_total(self, account_id: str) -> int:
         """Sum of the usage rows (the audit's second opinion on used_micros)."""

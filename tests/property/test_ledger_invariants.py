@@ -7,7 +7,8 @@ Redis data loss, the gate must agree with a plain Python model:
     records, a retry is decided again, and its debit is given back when the
     flusher finds the request already in Postgres,
   - after a flush, the hot balance equals credited - used in Postgres,
-  - used_micros equals the sum of the usage rows.
+  - used_micros equals the sum of the usage rows,
+  - unconsumed lots minus unpaid usage equal the balance (issue 5).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ async def _check_flushed(app: App, account_id: str, model: Model) -> None:
     row = await app.pg.get_account(account_id)
     assert row is not None
     assert row.used_micros == await app.pg.usage_total(account_id)
+    # Issue 5: the lots account for every micro of the balance.
+    assert await app.pg.lot_balance(account_id) == model.balance
 
 
 async def _step(
