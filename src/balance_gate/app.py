@@ -18,6 +18,7 @@ from balance_gate.leases import LeaseConfig, LeaseManager
 from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
+from balance_gate.refunds import Refunds
 from balance_gate.settings import Settings
 from balance_gate.top_up_store import TopUpStore
 from balance_gate.top_up_worker import TopUpWorker
@@ -101,6 +102,7 @@ class App:
     top_up_worker: TopUpWorker
     emails: EmailSender
     leases: LeaseManager | None
+    refunds: Refunds
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -146,8 +148,21 @@ class App:
             concurrency=settings.top_up_concurrency,
         )
         emails = EmailSender(pool, smtp_config(settings))
+        refunds = Refunds(pool, pg, hot, accounts, topups.gateway)
         return cls(
-            settings, client, pool, hot, pg, accounts, gate, flusher, topups, worker, emails, leases
+            settings,
+            client,
+            pool,
+            hot,
+            pg,
+            accounts,
+            gate,
+            flusher,
+            topups,
+            worker,
+            emails,
+            leases,
+            refunds,
         )
 
     async def close(self) -> None:

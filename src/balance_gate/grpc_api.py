@@ -25,6 +25,7 @@ from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
+from balance_gate.refunds import RefundRow, Refunds
 from balance_gate.top_up_store import AutoTopUpRow, InvoiceRow, TopUpRow
 from balance_gate.topups import TopUps
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
@@ -248,10 +249,36 @@ def _account(view: AccountView) -> admin_pb2.Account:
     )
 
 
+def _refund(row: RefundRow) -> admin_pb2.RefundRecord:
+    return admin_pb2.RefundRecord(
+        refund_id=row.refund_id,
+        account_id=row.account_id,
+        top_up_id=row.top_up_id,
+        requested_micros=row.requested_micros,
+        refunded_micros=row.refunded_micros,
+        partial=row.partial,
+        status=row.status,
+        refund_currency=row.refund_currency or "",
+        refund_minor=row.refund_minor or 0,
+        credit_note_number=row.credit_note_number or 0,
+        failure_reason=row.failure_reason or "",
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, accounts: Accounts, topups: TopUps) -> None:
+    def __init__(self, accounts: Accounts, topups: TopUps, refunds: Refunds) -> None:
         self._accounts = accounts
         self._topups = topups
+        self._refunds = refunds
+
+    @rpc
+    async def RefundTopUp(
+        self, request: admin_pb2.RefundTopUpRequest, context: Context
+    ) -> admin_pb2.RefundRecord:
+        row = await self._refunds.refund_top_up(
+            request.top_up_id, request.amount_micros, request.reason, request.idempotency_key
+        )
+        return _refund(row)
 
     async def _current(self, account_id: str) -> admin_pb2.Account:
         """The account as it is now, after a change made through another call."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from balance_gate.payments import Charge, GatewayRejected, GatewayUnavailable, mask
+from balance_gate.payments import Charge, GatewayRejected, GatewayUnavailable, Refund, mask
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,18 @@ class HttpGateway:
             "GET", "/v1/charges", params={"idempotency_key": idempotency_key}, missing_ok=True
         )
         return None if body is None else _charge(body)
+
+    async def refund(
+        self, charge_id: str, amount_minor: int, currency: str, idempotency_key: str
+    ) -> Refund:
+        body = await self._call(
+            "POST",
+            "/v1/refunds",
+            json={"charge_id": charge_id, "amount_minor": amount_minor, "currency": currency},
+            headers={"Idempotency-Key": idempotency_key},
+        )
+        assert body is not None
+        return Refund(str(body["refund_id"]), int(body["amount_minor"]), str(body["currency"]))
 
     async def _call(
         self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any

@@ -38,6 +38,13 @@ class Charge:
     currency: str
 
 
+@dataclass(frozen=True, slots=True)
+class Refund:
+    refund_id: str
+    amount_minor: int
+    currency: str
+
+
 class PaymentGateway(Protocol):
     async def card_currency(self, payment_method: str) -> str: ...
 
@@ -46,6 +53,16 @@ class PaymentGateway(Protocol):
     ) -> Charge: ...
 
     async def lookup(self, idempotency_key: str) -> Charge | None: ...
+
+    async def refund(
+        self, charge_id: str, amount_minor: int, currency: str, idempotency_key: str
+    ) -> Refund:
+        """Give back part of a succeeded charge, once per key.
+
+        GatewayRejected: the processor refuses (more than the charge has left,
+        unknown charge). GatewayUnavailable: unknown outcome; retry with the key.
+        """
+        ...
 
 
 def mask(payment_method: str) -> str:
@@ -116,6 +133,41 @@ class SandboxGateway:
         )
         return None if row is None else _charge(row)
 
+    async def refund(
+        self, charge_id: str, amount_minor: int, currency: str, idempotency_key: str
+    ) -> Refund:
+        async with self._pool.acquire() as conn, conn.transaction():
+            earlier = await conn.fetchrow(
+                "SELECT * FROM sandbox_refunds WHERE idempotency_key = $1", idempotency_key
+            )
+            if earlier is not None:
+                return _refund(earlier)
+            charge = await conn.fetchrow(
+                "SELECT * FROM sandbox_charges WHERE charge_id = $1 FOR UPDATE", charge_id
+            )
+            if charge is None or not charge["succeeded"]:
+                raise GatewayRejected(f"sandbox: no succeeded charge {charge_id!r}")
+            if currency != charge["currency"] or amount_minor <= 0:
+                raise GatewayRejected("sandbox: a refund is in the charge's currency, above 0")
+            refunded = await conn.fetchval(
+                "SELECT coalesce(sum(amount_minor), 0) FROM sandbox_refunds WHERE charge_id = $1",
+                charge_id,
+            )
+            if refunded + amount_minor > charge["amount_minor"]:
+                raise GatewayRejected("sandbox: more than the charge has left to refund")
+            row = await conn.fetchrow(
+                """INSERT INTO sandbox_refunds (idempotency_key, refund_id, charge_id,
+                                                amount_minor, currency)
+                   VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+                idempotency_key,
+                f"re_{uuid.uuid4().hex[:24]}",
+                charge_id,
+                amount_minor,
+                currency,
+            )
+        assert row is not None
+        return _refund(row)
+
     async def _decline_code(self, payment_method: str) -> str | None:
         if payment_method in _SUCCEEDS:
             return None
@@ -139,3 +191,7 @@ def _charge(row: asyncpg.Record) -> Charge:
         amount_minor=row["amount_minor"],
         currency=row["currency"],
     )
+
+
+def _refund(row: asyncpg.Record) -> Refund:
+    return Refund(row["refund_id"], row["amount_minor"], row["currency"])

@@ -196,6 +196,8 @@ class PostgresStore:
         idempotency_key: str,
         max_balance_micros: int,
         kind: str = "adjustment",
+        *,
+        hot_applied: bool = False,
     ) -> CreditRow:
         """Insert the credit and add it to the running total, once per key.
 
@@ -230,13 +232,15 @@ class PostgresStore:
                     "amount_micros", "would take the balance outside the supported range"
                 )
             credit_id = await conn.fetchval(
-                """INSERT INTO credits (account_id, amount_micros, kind, reason, idempotency_key)
-                   VALUES ($1, $2, $5, $3, $4) RETURNING credit_id""",
+                """INSERT INTO credits (account_id, amount_micros, kind, reason, idempotency_key,
+                                        hot_applied)
+                   VALUES ($1, $2, $5, $3, $4, $6) RETURNING credit_id""",
                 account_id,
                 amount_micros,
                 reason,
                 idempotency_key,
                 kind,
+                hot_applied,
             )
             await conn.execute(
                 """UPDATE accounts SET credited_micros = credited_micros + $2, updated_at = now()
@@ -245,7 +249,7 @@ class PostgresStore:
                 amount_micros,
             )
             await self._book_lots(conn, account_id, credit_id, kind, amount_micros)
-        return CreditRow(credit_id, account_id, amount_micros, hot_applied=False)
+        return CreditRow(credit_id, account_id, amount_micros, hot_applied=hot_applied)
 
     @staticmethod
     async def _book_lots(
@@ -256,6 +260,8 @@ class PostgresStore:
         Refunds and expiries are negative credits too, but they book their own
         lot (its refunded or expired part), so they are not burnt here.
         """
+        if kind in ("refund", "expiry"):
+            return
         if amount_micros > 0:
             await conn.execute(
                 "SELECT open_lot($1, $2, $3, $4)", account_id, credit_id, kind, amount_micros

@@ -785,3 +785,91 @@ class SetAccountTimeZoneRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAccountTimeZoneRequest: _TypeAlias = SetAccountTimeZoneRequest  # noqa: Y015
+
+@_typing.final
+class RefundTopUpRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_UP_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    top_up_id: _builtins.int
+    amount_micros: _builtins.int
+    """At most this much, micro-USD; 0 refunds all that is unconsumed."""
+    reason: _builtins.str
+    """Required; shown on the ledger entry."""
+    idempotency_key: _builtins.str
+    """Required; the same key returns the same refund (and finishes a pending one)."""
+    def __init__(
+        self,
+        *,
+        top_up_id: _builtins.int = ...,
+        amount_micros: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micros", b"amount_micros", "idempotency_key", b"idempotency_key", "reason", b"reason", "top_up_id", b"top_up_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundTopUpRequest: _TypeAlias = RefundTopUpRequest  # noqa: Y015
+
+@_typing.final
+class RefundRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    TOP_UP_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_MICROS_FIELD_NUMBER: _builtins.int
+    REFUNDED_MICROS_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REFUND_CURRENCY_FIELD_NUMBER: _builtins.int
+    REFUND_MINOR_FIELD_NUMBER: _builtins.int
+    CREDIT_NOTE_NUMBER_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    refund_id: _builtins.int
+    account_id: _builtins.str
+    top_up_id: _builtins.int
+    requested_micros: _builtins.int
+    """0: "all that is unconsumed" was asked for."""
+    refunded_micros: _builtins.int
+    """What left the balance: never more than the top-up's unconsumed part."""
+    partial: _builtins.bool
+    """Less than requested was refunded: traffic had consumed the rest."""
+    status: _builtins.str
+    """pending (the gateway's answer is not known yet), succeeded, failed
+    (the gateway refused; the money went back to the balance).
+    """
+    refund_currency: _builtins.str
+    refund_minor: _builtins.int
+    """Refunded to the card, in refund_currency's minor units."""
+    credit_note_number: _builtins.int
+    """The credit note's number (0 when none was written)."""
+    failure_reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        refund_id: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        top_up_id: _builtins.int = ...,
+        requested_micros: _builtins.int = ...,
+        refunded_micros: _builtins.int = ...,
+        partial: _builtins.bool = ...,
+        status: _builtins.str = ...,
+        refund_currency: _builtins.str = ...,
+        refund_minor: _builtins.int = ...,
+        credit_note_number: _builtins.int = ...,
+        failure_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "credit_note_number", b"credit_note_number", "failure_reason", b"failure_reason", "partial", b"partial", "refund_currency", b"refund_currency", "refund_id", b"refund_id", "refund_minor", b"refund_minor", "refunded_micros", b"refunded_micros", "requested_micros", b"requested_micros", "status", b"status", "top_up_id", b"top_up_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundRecord: _TypeAlias = RefundRecord  # noqa: Y015

@@ -84,6 +84,11 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.FromString,
                 _registered_method=True)
+        self.RefundTopUp = channel.unary_unary(
+                '/balance_gate.v1.Admin/RefundTopUp',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.RefundRecord.FromString,
+                _registered_method=True)
         self.ListTopUps = channel.unary_unary(
                 '/balance_gate.v1.Admin/ListTopUps',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsRequest.SerializeToString,
@@ -180,6 +185,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefundTopUp(self, request, context):
+        """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
+        the balance first, then the card is refunded pro rata in the currency it
+        was charged in, with a credit note (a negative invoice).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTopUps(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -258,6 +272,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.TopUp,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.SerializeToString,
+            ),
+            'RefundTopUp': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundTopUp,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.RefundRecord.SerializeToString,
             ),
             'ListTopUps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTopUps,
@@ -550,6 +569,33 @@ class Admin:
             '/balance_gate.v1.Admin/TopUp',
             balance__gate_dot_v1_dot_admin__pb2.TopUpRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.TopUpRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundTopUp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/RefundTopUp',
+            balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.RefundRecord.FromString,
             options,
             channel_credentials,
             insecure,

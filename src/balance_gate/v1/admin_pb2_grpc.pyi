@@ -57,6 +57,11 @@ class AdminStub:
     """A manual top-up charged to the default card: same invoice and ledger
     path as the automatic one. Idempotent on (account_id, idempotency_key).
     """
+    RefundTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RefundTopUpRequest, _admin_pb2.RefundRecord]
+    """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
+    the balance first, then the card is refunded pro rata in the currency it
+    was charged in, with a credit note (a negative invoice).
+    """
     ListTopUps: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
     MonthlyReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MonthlyReportRequest, _admin_pb2.MonthlyReportResponse]
@@ -90,6 +95,11 @@ class AdminAsyncStub(AdminStub):
     TopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.TopUpRequest, _admin_pb2.TopUpRecord]  # type: ignore[assignment]
     """A manual top-up charged to the default card: same invoice and ledger
     path as the automatic one. Idempotent on (account_id, idempotency_key).
+    """
+    RefundTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.RefundTopUpRequest, _admin_pb2.RefundRecord]  # type: ignore[assignment]
+    """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
+    the balance first, then the card is refunded pro rata in the currency it
+    was charged in, with a credit note (a negative invoice).
     """
     ListTopUps: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]  # type: ignore[assignment]
     ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
@@ -181,6 +191,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.TopUpRecord, _abc.Awaitable[_admin_pb2.TopUpRecord]]:
         """A manual top-up charged to the default card: same invoice and ledger
         path as the automatic one. Idempotent on (account_id, idempotency_key).
+        """
+
+    @_abc_1.abstractmethod
+    def RefundTopUp(
+        self,
+        request: _admin_pb2.RefundTopUpRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RefundRecord, _abc.Awaitable[_admin_pb2.RefundRecord]]:
+        """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
+        the balance first, then the card is refunded pro rata in the currency it
+        was charged in, with a credit note (a negative invoice).
         """
 
     @_abc_1.abstractmethod
