@@ -269,6 +269,17 @@ class PostgresStore:
         elif kind == "adjustment":
             await conn.execute("SELECT burn_down($1, $2)", account_id, -amount_micros)
 
+    @staticmethod
+    async def next_invoice_number(conn: Connection) -> int:
+        """The next number of the gapless sequence that invoices and credit notes share.
+
+        Taken in the caller's transaction: a rollback gives the number back.
+        """
+        number: int = await conn.fetchval(
+            "UPDATE invoice_counter SET last_number = last_number + 1 RETURNING last_number"
+        )
+        return number
+
     async def mark_credit_applied(self, conn: Connection, credit_id: int) -> None:
         await conn.execute("UPDATE credits SET hot_applied = true WHERE credit_id = $1", credit_id)
 

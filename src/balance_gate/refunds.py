@@ -287,9 +287,7 @@ class Refunds:
             )
             if updated != "UPDATE 1" or minor == 0:
                 return
-            number = await conn.fetchval(
-                "UPDATE invoice_counter SET last_number = last_number + 1 RETURNING last_number"
-            )
+            number = await self._pg.next_invoice_number(conn)
             await conn.execute(
                 """INSERT INTO credit_notes (invoice_number, account_id, refund_id, line,
                                              amount_minor, currency)

@@ -465,9 +465,7 @@ class TopUpStore:
                 conversion.card_rate,
             )
             if updated == "UPDATE 1":
-                number = await conn.fetchval(
-                    "UPDATE invoice_counter SET last_number = last_number + 1 RETURNING last_number"
-                )
+                number = await self._pg.next_invoice_number(conn)
                 await conn.execute(
                     """INSERT INTO invoices (invoice_number, account_id, top_up_id, line,
                                              amount_minor, currency)
