@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from balance_gate import metrics, validation
-from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
+from balance_gate.constants import MAX_CREDIT_VALIDITY_DAYS, MAX_SAFE_MICROS, ScriptCode
 from balance_gate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from balance_gate.keys import shard_of
 from balance_gate.postgres_store import AccountRow, Connection, CreditRow, PostgresStore
@@ -193,6 +193,14 @@ class Accounts:
         # the credit is accounted for in Redis.
         await self._pg.mark_credit_applied(conn, credit.credit_id)
         return result.code == ScriptCode.OK
+
+    async def set_credit_validity(self, account_id: str, days: int) -> None:
+        """O2: how long lots opened from now on stay valid; 0 = they never expire."""
+        validation.check_id("account_id", account_id)
+        if not 0 <= days <= MAX_CREDIT_VALIDITY_DAYS:
+            raise InvalidArgument("days", f"must be between 0 and {MAX_CREDIT_VALIDITY_DAYS}")
+        if not await self._pg.set_credit_validity(account_id, days):
+            raise NotFound(f"account {account_id!r} not found")
 
     async def set_status(self, account_id: str, status: str) -> AccountView:
         validation.check_id("account_id", account_id)

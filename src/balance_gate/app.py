@@ -15,6 +15,7 @@ from balance_gate.fx import FxRates
 from balance_gate.gate import Gate
 from balance_gate.http_gateway import HttpGateway
 from balance_gate.leases import LeaseConfig, LeaseManager
+from balance_gate.lots import LotExpiry
 from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
@@ -103,6 +104,7 @@ class App:
     emails: EmailSender
     leases: LeaseManager | None
     refunds: Refunds
+    expiry: LotExpiry
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -163,6 +165,7 @@ class App:
             emails,
             leases,
             refunds,
+            LotExpiry(pool, pg, hot, accounts),
         )
 
     async def close(self) -> None:

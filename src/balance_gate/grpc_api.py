@@ -427,6 +427,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         )
 
     @rpc
+    async def SetCreditValidity(
+        self, request: admin_pb2.SetCreditValidityRequest, context: Context
+    ) -> admin_pb2.Account:
+        await self._accounts.set_credit_validity(request.account_id, request.days)
+        return await self._current(request.account_id)
+
+    @rpc
     async def SetAccountTimeZone(
         self, request: admin_pb2.SetAccountTimeZoneRequest, context: Context
     ) -> admin_pb2.Account:

@@ -7,7 +7,7 @@
     <prefix>:{<shard>}:topup:<account_id>                   "top-up triggered" flag
     <prefix>:{<shard>}:topups                               top-up trigger stream of the shard
     <prefix>:{<shard>}:lease:<account_id>                   hash: holder -> "<amount>:<expiry ms>"
-    <prefix>:{<shard>}:refund:<refund_id>                   the micros a refund took
+    <prefix>:{<shard>}:take:<refund:id | expiry:lot:n>      the micros a lot take took
 
 The length prefix in request keys keeps ("a:b", "c") and ("a", "b:c") apart:
 ids may contain ':' and a collision would replay another account's decision.
@@ -84,8 +84,8 @@ class Keys:
     def credit_marker(self, account_id: str, credit_id: int) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:credit:{credit_id}"
 
-    def refund_marker(self, account_id: str, refund_id: int) -> str:
-        return f"{self.prefix}:{{{shard_of(account_id)}}}:refund:{refund_id}"
+    def take_marker(self, account_id: str, marker: str) -> str:
+        return f"{self.prefix}:{{{shard_of(account_id)}}}:take:{marker}"
 
     def top_up_flag(self, account_id: str) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:topup:{account_id}"

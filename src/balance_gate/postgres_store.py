@@ -269,6 +269,15 @@ class PostgresStore:
         elif kind == "adjustment":
             await conn.execute("SELECT burn_down($1, $2)", account_id, -amount_micros)
 
+    async def set_credit_validity(self, account_id: str, days: int) -> bool:
+        updated = await self._pool.execute(
+            "UPDATE accounts SET credit_validity_days = $2, updated_at = now()"
+            " WHERE account_id = $1",
+            account_id,
+            days,
+        )
+        return bool(updated == "UPDATE 1")
+
     @staticmethod
     async def next_invoice_number(conn: Connection) -> int:
         """The next number of the gapless sequence that invoices and credit notes share.

@@ -210,7 +210,7 @@ class RedisStore:
         self._sync: AsyncScript = client.register_script(_lua("sync_account"))
         self._ack = ScriptBatcher(client, _lua("ack_usage"), batch_max)
         self._set_fields: AsyncScript = client.register_script(_lua("set_fields"))
-        self._refund_take: AsyncScript = client.register_script(_lua("refund_take"))
+        self._lot_take: AsyncScript = client.register_script(_lua("lot_take"))
         self._lease_take = ScriptBatcher(client, _lua("lease_take"), batch_max)
         self._lease_report = ScriptBatcher(client, _lua("lease_report"), batch_max)
 
@@ -307,12 +307,16 @@ class RedisStore:
         )
         return ScriptResult(int(reply[0]), int(reply[1]))
 
-    async def refund_take(
-        self, account_id: str, refund_id: int, most: int, lot_open: int, open_before: int
+    async def lot_take(
+        self, account_id: str, marker: str, most: int, lot_open: int, open_before: int
     ) -> ScriptResult:
-        """Take a refund out of the balance once (lua/refund_take.lua); value = micros taken."""
-        reply = await self._refund_take(
-            keys=[self.keys.account(account_id), self.keys.refund_marker(account_id, refund_id)],
+        """Take a lot's money out of the balance once (lua/lot_take.lua); value = micros taken.
+
+        `marker` names this take ("refund:<id>", "expiry:<lot>:<n>"): the same
+        marker never takes twice.
+        """
+        reply = await self._lot_take(
+            keys=[self.keys.account(account_id), self.keys.take_marker(account_id, marker)],
             args=[str(most), str(lot_open), str(open_before), str(CREDIT_MARKER_TTL_SECONDS)],
         )
         return ScriptResult(int(reply[0]), 0, int(reply[1]))

@@ -2,7 +2,7 @@
 
 One refund, by its idempotency key:
 1. `taking`: the row exists. Under the shard's exclusive lock (no flush half
-   done), lua/refund_take.lua takes at most what the top-up's lot will still
+   done), lua/lot_take.lua takes at most what the top-up's lot will still
    hold once the usage Redis already decided is burnt, out of the hot balance,
    atomically, once (a marker keeps the amount). In the same Postgres
    transaction the lot's refunded part, a `refund` credit (already applied)
@@ -28,6 +28,7 @@ from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
 from balance_gate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from balance_gate.keys import shard_of
+from balance_gate.lots import lot_position
 from balance_gate.payments import GatewayRejected, GatewayUnavailable, PaymentGateway
 from balance_gate.postgres_store import Connection, PostgresStore
 from balance_gate.redis_store import RedisStore
@@ -168,47 +169,23 @@ class Refunds:
             self._pg.shard_lock([shard_of(account_id)], exclusive=True) as conn,
             conn.transaction(),
         ):
-            lot_open, open_before = await self._lot_position(conn, top_up)
+            lot = await lot_position(conn, credit_id=top_up.credit_id)
+            if lot is None:
+                raise FailedPrecondition(f"top-up {top_up.top_up_id} has no credit lot")
+            # O2: expired credit is not refundable, even before the expiry job ran.
+            lot_open = 0 if lot.expired else lot.open_micros
             most = lot_open if refund.requested_micros == 0 else refund.requested_micros
-            taken = await self._hot.refund_take(
-                account_id, refund.refund_id, min(most, lot_open), lot_open, open_before
+            taken = await self._hot.lot_take(
+                account_id,
+                f"refund:{refund.refund_id}",
+                min(most, lot_open),
+                lot_open,
+                lot.open_before_micros,
             )
             if taken.code == ScriptCode.NOT_LOADED:
                 raise Unavailable("account state is being rebuilt; retry the refund")
             await self._book(conn, top_up, refund, taken.value, reason)
         return await self.get(refund.refund_id)
-
-    @staticmethod
-    async def _lot_position(conn: Connection, top_up: _TopUp) -> tuple[int, int]:
-        """(open part of the top-up's lot, open parts of the lots burnt before it).
-
-        An expired lot has nothing open for refunds (O2: expired credit is not
-        refundable), even before the expiry job has booked it.
-        """
-        lot = await conn.fetchrow(
-            """SELECT lot_id, expires_at,
-                      CASE WHEN expires_at <= now() THEN 0
-                           ELSE amount_micros - consumed_micros - refunded_micros - expired_micros
-                      END AS open
-               FROM credit_lots WHERE credit_id = $1 FOR UPDATE""",
-            top_up.credit_id,
-        )
-        if lot is None:
-            raise FailedPrecondition(f"top-up {top_up.top_up_id} has no credit lot")
-        before: int = await conn.fetchval(
-            """SELECT coalesce(sum(amount_micros - consumed_micros - refunded_micros
-                                   - expired_micros), 0)::bigint
-               FROM credit_lots
-               WHERE account_id = $1 AND lot_id <> $2
-                 AND consumed_micros + refunded_micros + expired_micros < amount_micros
-                 AND (CASE WHEN $3::timestamptz IS NULL
-                           THEN expires_at IS NOT NULL OR lot_id < $2
-                           ELSE expires_at < $3 OR (expires_at = $3 AND lot_id < $2) END)""",
-            top_up.account_id,
-            lot["lot_id"],
-            lot["expires_at"],
-        )
-        return int(lot["open"]), before
 
     async def _book(
         self, conn: Connection, top_up: _TopUp, refund: RefundRow, taken: int, reason: str
@@ -228,7 +205,7 @@ class Refunds:
             f"balance-gate-refund-{refund.refund_id}",
             MAX_SAFE_MICROS,
             kind="refund",
-            hot_applied=True,  # refund_take.lua already took it out of Redis
+            hot_applied=True,  # lot_take.lua already took it out of Redis
         )
         await conn.execute(
             "UPDATE credit_lots SET refunded_micros = refunded_micros + $2 WHERE credit_id = $1",

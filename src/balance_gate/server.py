@@ -117,6 +117,7 @@ class Sidecar:
         self._tasks = [
             asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
             asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
+            asyncio.create_task(self._expire_lots(), name="lot-expiry"),
             asyncio.create_task(
                 self.app.top_up_worker.run(self._stop_background), name="top-up-worker"
             ),
@@ -149,7 +150,7 @@ class Sidecar:
                 await task
         self._stop_background.set()
         for task in self._tasks:
-            if task.get_name() == "credit-sweeper":
+            if task.get_name() in ("credit-sweeper", "lot-expiry"):
                 task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,6 +167,15 @@ class Sidecar:
                 await self.app.accounts.sweep_unapplied_credits()
             except Exception:
                 log.exception("credit sweep failed")
+            await asyncio.sleep(interval_s)
+
+    async def _expire_lots(self) -> None:
+        interval_s = self.app.settings.lot_expiry_interval_ms / 1000
+        while True:
+            try:
+                await self.app.expiry.expire_due()
+            except Exception:
+                log.exception("credit lot expiry failed")
             await asyncio.sleep(interval_s)
 
 

@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         ge=100,
         description="How often credits that a crash left out of Redis are applied.",
     )
+    lot_expiry_interval_ms: int = Field(
+        default=60_000,
+        ge=100,
+        description="How often expired, unconsumed credit lots are taken out of balances (O2).",
+    )
     stats_interval_ms: int = Field(
         default=2_000, ge=100, description="How often the flush lag and backlog gauges refresh."
     )

@@ -787,6 +787,29 @@ class SetAccountTimeZoneRequest(_message.Message):
 Global___SetAccountTimeZoneRequest: _TypeAlias = SetAccountTimeZoneRequest  # noqa: Y015
 
 @_typing.final
+class SetCreditValidityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    days: _builtins.int
+    """0 to 36500; 0 = lots never expire. Applies to lots opened from now on."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "days", b"days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCreditValidityRequest: _TypeAlias = SetCreditValidityRequest  # noqa: Y015
+
+@_typing.final
 class RefundTopUpRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -64,6 +64,11 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SetCreditValidity = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetCreditValidity',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetCreditValidityRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
         self.SetBillingEmail = channel.unary_unary(
                 '/balance_gate.v1.Admin/SetBillingEmail',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.SetBillingEmailRequest.SerializeToString,
@@ -151,6 +156,13 @@ class AdminServicer:
 
     def SetAccountTimeZone(self, request, context):
         """The account's day for daily caps (P5): an IANA zone name; default UTC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCreditValidity(self, request, context):
+        """How long new credit lots stay valid (O2): days, 0 = never expire; 365 by default.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,6 +263,11 @@ def add_AdminServicer_to_server(servicer, server):
             'SetAccountTimeZone': grpc.unary_unary_rpc_method_handler(
                     servicer.SetAccountTimeZone,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetCreditValidity': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCreditValidity,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.SetCreditValidityRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
             'SetBillingEmail': grpc.unary_unary_rpc_method_handler(
@@ -460,6 +477,33 @@ class Admin:
             target,
             '/balance_gate.v1.Admin/SetAccountTimeZone',
             balance__gate_dot_v1_dot_admin__pb2.SetAccountTimeZoneRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCreditValidity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetCreditValidity',
+            balance__gate_dot_v1_dot_admin__pb2.SetCreditValidityRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

@@ -47,6 +47,8 @@ class AdminStub:
     """
     SetAccountTimeZone: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountTimeZoneRequest, _admin_pb2.Account]
     """The account's day for daily caps (P5): an IANA zone name; default UTC."""
+    SetCreditValidity: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCreditValidityRequest, _admin_pb2.Account]
+    """How long new credit lots stay valid (O2): days, 0 = never expire; 365 by default."""
     SetBillingEmail: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]
     """Where failure emails go (P8)."""
     SetAutoTopUp: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]
@@ -86,6 +88,8 @@ class AdminAsyncStub(AdminStub):
     """
     SetAccountTimeZone: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountTimeZoneRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """The account's day for daily caps (P5): an IANA zone name; default UTC."""
+    SetCreditValidity: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCreditValidityRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """How long new credit lots stay valid (O2): days, 0 = never expire; 365 by default."""
     SetBillingEmail: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBillingEmailRequest, _admin_pb2.Account]  # type: ignore[assignment]
     """Where failure emails go (P8)."""
     SetAutoTopUp: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAutoTopUpRequest, _admin_pb2.Account]  # type: ignore[assignment]
@@ -158,6 +162,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
         """The account's day for daily caps (P5): an IANA zone name; default UTC."""
+
+    @_abc_1.abstractmethod
+    def SetCreditValidity(
+        self,
+        request: _admin_pb2.SetCreditValidityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """How long new credit lots stay valid (O2): days, 0 = never expire; 365 by default."""
 
     @_abc_1.abstractmethod
     def SetBillingEmail(

@@ -1,26 +1,27 @@
 --[[
-  Take a refund out of the hot balance, once: never more than the lot still
-  holds once the usage Redis has decided but Postgres has not yet burnt is
-  burnt into the lots before it (P13). Atomic.
+  Take money of one credit lot out of the hot balance, once: a refund (P13) or
+  an expiry (O2). Never more than the lot still holds once the usage Redis has
+  decided but Postgres has not yet burnt is burnt into the lots before it.
+  Atomic.
 
   The caller holds the shard's exclusive lock in Postgres, so no flush is half
   done: 'unflushed' is exactly the usage the lots have not seen.
 
-  KEYS[1] account hash    KEYS[2] this refund's marker (its amount, once taken)
+  KEYS[1] account hash    KEYS[2] this take's marker (its amount, once taken)
 
-  ARGV[1] most to refund (micro-USD)
+  ARGV[1] most to take (micro-USD)
   ARGV[2] open amount of the lot in Postgres
   ARGV[3] open amount of the lots burnt before it
   ARGV[4] marker TTL in seconds
 
   Usage not yet flushed burns the lots before this one first, then this one.
   Leased money may already be spent by a sidecar that has not reported it: it
-  counts as spent. Only 'balance' pays a refund; it never goes below 0 for one.
+  counts as spent. Only 'balance' pays; it never goes below 0 for a take.
 
   Returns {code, taken}
     0 OK           taken now (may be 0: nothing left to refund)
     3 NOT_LOADED   the account is not in Redis: load it and retry
-    7 ALREADY      taken earlier by this refund: its amount
+    7 ALREADY      taken earlier under this marker: its amount
 ]]
 local earlier = redis.call('GET', KEYS[2])
 if earlier then
