@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
+from balance_gate.appeals import Appeals
 from balance_gate.emails import EmailSender, SmtpConfig
 from balance_gate.flusher import UsageFlusher, consumer_name
 from balance_gate.fx import FxRates
@@ -105,6 +106,7 @@ class App:
     leases: LeaseManager | None
     refunds: Refunds
     expiry: LotExpiry
+    appeals: Appeals
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -166,6 +168,7 @@ class App:
             leases,
             refunds,
             LotExpiry(pool, pg, hot, accounts),
+            Appeals(pool, refunds, topups),
         )
 
     async def close(self) -> None:

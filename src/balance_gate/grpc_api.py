@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
+from balance_gate.appeals import Appeal, Appeals
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
 from balance_gate.refunds import RefundRow, Refunds
@@ -265,11 +266,39 @@ def _refund(row: RefundRow) -> admin_pb2.RefundRecord:
     )
 
 
+def _appeal(appeal: Appeal) -> admin_pb2.AbuseAppeal:
+    return admin_pb2.AbuseAppeal(
+        appeal_id=appeal.appeal_id,
+        account_id=appeal.account_id,
+        description=appeal.description,
+        filed_at=_timestamp(appeal.filed_at),
+        status=appeal.status,
+        decided_at=_timestamp(appeal.decided_at) if appeal.decided_at else None,
+        top_up_ids=appeal.top_up_ids,
+        refunded_micros=appeal.refunded_micros,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, accounts: Accounts, topups: TopUps, refunds: Refunds) -> None:
+    def __init__(
+        self, accounts: Accounts, topups: TopUps, refunds: Refunds, appeals: Appeals
+    ) -> None:
         self._accounts = accounts
         self._topups = topups
         self._refunds = refunds
+        self._appeals = appeals
+
+    @rpc
+    async def FileAbuseAppeal(
+        self, request: admin_pb2.FileAbuseAppealRequest, context: Context
+    ) -> admin_pb2.AbuseAppeal:
+        return _appeal(await self._appeals.file(request.account_id, request.description))
+
+    @rpc
+    async def ResolveAbuseAppeal(
+        self, request: admin_pb2.ResolveAbuseAppealRequest, context: Context
+    ) -> admin_pb2.AbuseAppeal:
+        return _appeal(await self._appeals.resolve(request.appeal_id, request.confirmed))
 
     @rpc
     async def RefundTopUp(

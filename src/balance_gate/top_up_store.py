@@ -229,6 +229,15 @@ class TopUpStore:
             "UPDATE auto_top_up SET last_stop_reason = $2 WHERE account_id = $1", account_id, reason
         )
 
+    async def pause(self, conn: Connection, account_id: str, reason: str) -> bool:
+        done: str = await conn.execute(
+            """UPDATE auto_top_up SET paused = true, last_stop_reason = $2, updated_at = now()
+               WHERE account_id = $1""",
+            account_id,
+            reason,
+        )
+        return done != "UPDATE 0"
+
     async def resume(self, conn: Connection, account_id: str) -> bool:
         done: str = await conn.execute(
             """UPDATE auto_top_up SET paused = false, consecutive_failures = 0,

@@ -134,6 +134,17 @@ class TopUps:
             await self._hot.set_auto_top_up(account_id, armed, trigger_usd)
             await self._hot.hold_top_up_trigger(account_id, 0)
 
+    async def pause(self, account_id: str, reason: str) -> None:
+        """Pause auto top-up until it is resumed by hand (P11, P14); a no-op without one."""
+        async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
+            if not await self._store.pause(conn, account_id, reason):
+                return
+            settings = await self._store.auto_top_up(account_id)
+            assert settings is not None
+            await self._hot.set_auto_top_up(
+                account_id, False, settings.trigger_threshold_usd_micros
+            )
+
     async def resume(self, account_id: str) -> None:
         validation.check_id("account_id", account_id)
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:

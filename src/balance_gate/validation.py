@@ -63,13 +63,14 @@ def check_credit_amount(field: str, value: int) -> None:
         )
 
 
-def check_reason(value: str) -> None:
+def check_reason(value: str, field: str = "reason") -> None:
+    """Free text for people (a reason, a description): 1..500 characters, no controls."""
     if not value.strip():
-        raise InvalidArgument("reason", "must not be empty")
+        raise InvalidArgument(field, "must not be empty")
     if len(value) > MAX_REASON_CHARS:
-        raise InvalidArgument("reason", f"must be at most {MAX_REASON_CHARS} characters")
+        raise InvalidArgument(field, f"must be at most {MAX_REASON_CHARS} characters")
     if _CONTROL.search(value):
-        raise InvalidArgument("reason", "must not contain control characters")
+        raise InvalidArgument(field, "must not contain control characters")
 
 
 def normalize_currency(value: str) -> str:

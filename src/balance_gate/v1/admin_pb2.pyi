@@ -156,7 +156,7 @@ class AutoTopUp(_message.Message):
     last_stop_reason: _builtins.str
     """Why the last trigger charged nothing (daily_cap, monthly_cap, paused,
     disabled, pending_covers, above_threshold, no_payment_method,
-    fx_rate_missing), or "".
+    fx_rate_missing), abuse_appeal (paused by a confirmed P14 appeal), or "".
     """
     target_balance_micros: _builtins.int
     """0 in the fixed-amount mode."""
@@ -896,3 +896,97 @@ class RefundRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RefundRecord: _TypeAlias = RefundRecord  # noqa: Y015
+
+@_typing.final
+class FileAbuseAppealRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    description: _builtins.str
+    """What the customer says happened; required, at most 500 characters."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "description", b"description"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileAbuseAppealRequest: _TypeAlias = FileAbuseAppealRequest  # noqa: Y015
+
+@_typing.final
+class ResolveAbuseAppealRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPEAL_ID_FIELD_NUMBER: _builtins.int
+    CONFIRMED_FIELD_NUMBER: _builtins.int
+    appeal_id: _builtins.int
+    confirmed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        appeal_id: _builtins.int = ...,
+        confirmed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["appeal_id", b"appeal_id", "confirmed", b"confirmed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveAbuseAppealRequest: _TypeAlias = ResolveAbuseAppealRequest  # noqa: Y015
+
+@_typing.final
+class AbuseAppeal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPEAL_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    FILED_AT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    TOP_UP_IDS_FIELD_NUMBER: _builtins.int
+    REFUNDED_MICROS_FIELD_NUMBER: _builtins.int
+    appeal_id: _builtins.int
+    account_id: _builtins.str
+    description: _builtins.str
+    status: _builtins.str
+    """open, confirmed, rejected"""
+    refunded_micros: _builtins.int
+    """Refunded so far for a confirmed appeal (the unconsumed credit, P13)."""
+    @_builtins.property
+    def filed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset while open."""
+
+    @_builtins.property
+    def top_up_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The auto top-ups of the 7 days before filing."""
+
+    def __init__(
+        self,
+        *,
+        appeal_id: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+        filed_at: _timestamp_pb2.Timestamp | None = ...,
+        status: _builtins.str = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        top_up_ids: _abc.Iterable[_builtins.int] | None = ...,
+        refunded_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "filed_at", b"filed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "appeal_id", b"appeal_id", "decided_at", b"decided_at", "description", b"description", "filed_at", b"filed_at", "refunded_micros", b"refunded_micros", "status", b"status", "top_up_ids", b"top_up_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbuseAppeal: _TypeAlias = AbuseAppeal  # noqa: Y015

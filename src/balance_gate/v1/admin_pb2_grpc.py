@@ -94,6 +94,16 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.RefundRecord.FromString,
                 _registered_method=True)
+        self.FileAbuseAppeal = channel.unary_unary(
+                '/balance_gate.v1.Admin/FileAbuseAppeal',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
+                _registered_method=True)
+        self.ResolveAbuseAppeal = channel.unary_unary(
+                '/balance_gate.v1.Admin/ResolveAbuseAppeal',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.ResolveAbuseAppealRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
+                _registered_method=True)
         self.ListTopUps = channel.unary_unary(
                 '/balance_gate.v1.Admin/ListTopUps',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListTopUpsRequest.SerializeToString,
@@ -206,6 +216,22 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FileAbuseAppeal(self, request, context):
+        """P14: a customer who believes auto top-ups came from abuse appeals within 7
+        days of them; the appeal covers the auto top-ups of the 7 days before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveAbuseAppeal(self, request, context):
+        """Confirmed: every covered auto top-up is refunded for all its unconsumed
+        credit and auto top-up is paused until resumed by hand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTopUps(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -294,6 +320,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RefundTopUp,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.RefundRecord.SerializeToString,
+            ),
+            'FileAbuseAppeal': grpc.unary_unary_rpc_method_handler(
+                    servicer.FileAbuseAppeal,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.SerializeToString,
+            ),
+            'ResolveAbuseAppeal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveAbuseAppeal,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ResolveAbuseAppealRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.SerializeToString,
             ),
             'ListTopUps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTopUps,
@@ -640,6 +676,60 @@ class Admin:
             '/balance_gate.v1.Admin/RefundTopUp',
             balance__gate_dot_v1_dot_admin__pb2.RefundTopUpRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.RefundRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FileAbuseAppeal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/FileAbuseAppeal',
+            balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveAbuseAppeal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/ResolveAbuseAppeal',
+            balance__gate_dot_v1_dot_admin__pb2.ResolveAbuseAppealRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
             options,
             channel_credentials,
             insecure,

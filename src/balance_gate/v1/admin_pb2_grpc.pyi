@@ -64,6 +64,14 @@ class AdminStub:
     the balance first, then the card is refunded pro rata in the currency it
     was charged in, with a credit note (a negative invoice).
     """
+    FileAbuseAppeal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FileAbuseAppealRequest, _admin_pb2.AbuseAppeal]
+    """P14: a customer who believes auto top-ups came from abuse appeals within 7
+    days of them; the appeal covers the auto top-ups of the 7 days before it.
+    """
+    ResolveAbuseAppeal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]
+    """Confirmed: every covered auto top-up is refunded for all its unconsumed
+    credit and auto top-up is paused until resumed by hand.
+    """
     ListTopUps: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]
     ListInvoices: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]
     MonthlyReport: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MonthlyReportRequest, _admin_pb2.MonthlyReportResponse]
@@ -104,6 +112,14 @@ class AdminAsyncStub(AdminStub):
     """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
     the balance first, then the card is refunded pro rata in the currency it
     was charged in, with a credit note (a negative invoice).
+    """
+    FileAbuseAppeal: _aio.UnaryUnaryMultiCallable[_admin_pb2.FileAbuseAppealRequest, _admin_pb2.AbuseAppeal]  # type: ignore[assignment]
+    """P14: a customer who believes auto top-ups came from abuse appeals within 7
+    days of them; the appeal covers the auto top-ups of the 7 days before it.
+    """
+    ResolveAbuseAppeal: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]  # type: ignore[assignment]
+    """Confirmed: every covered auto top-up is refunded for all its unconsumed
+    credit and auto top-up is paused until resumed by hand.
     """
     ListTopUps: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTopUpsRequest, _admin_pb2.ListTopUpsResponse]  # type: ignore[assignment]
     ListInvoices: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListInvoicesRequest, _admin_pb2.ListInvoicesResponse]  # type: ignore[assignment]
@@ -214,6 +230,26 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Refund the unconsumed part of a succeeded top-up (P13): the money leaves
         the balance first, then the card is refunded pro rata in the currency it
         was charged in, with a credit note (a negative invoice).
+        """
+
+    @_abc_1.abstractmethod
+    def FileAbuseAppeal(
+        self,
+        request: _admin_pb2.FileAbuseAppealRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AbuseAppeal, _abc.Awaitable[_admin_pb2.AbuseAppeal]]:
+        """P14: a customer who believes auto top-ups came from abuse appeals within 7
+        days of them; the appeal covers the auto top-ups of the 7 days before it.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveAbuseAppeal(
+        self,
+        request: _admin_pb2.ResolveAbuseAppealRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.AbuseAppeal, _abc.Awaitable[_admin_pb2.AbuseAppeal]]:
+        """Confirmed: every covered auto top-up is refunded for all its unconsumed
+        credit and auto top-up is paused until resumed by hand.
         """
 
     @_abc_1.abstractmethod
