@@ -100,6 +100,22 @@ def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    """P15: the monthly report of every account, as CSV or JSON lines, on stdout."""
+    from balance_gate.app import App
+    from balance_gate.reports import write_reports
+
+    async def report() -> None:
+        app = await App.open(settings, migrate=False)
+        try:
+            await write_reports(app.pool, app.topups, args.month, args.format, sys.stdout)
+        finally:
+            await app.close()
+
+    _run(report())
+    return 0
+
+
 def cmd_dev(_settings: Settings, args: argparse.Namespace) -> int:
     from balance_gate.devstack import run_dev
 
@@ -127,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     load = fx.add_parser("load", help="load daily rates from a CSV: date,base,quote,rate")
     load.add_argument("file")
     load.set_defaults(func=cmd_fx_load)
+    report = commands.add_parser(
+        "report", help="the monthly report (P15) of every account, on stdout"
+    )
+    report.add_argument("--month", required=True, help="YYYY-MM, in each account's time zone")
+    report.add_argument("--format", choices=["csv", "json"], default="csv")
+    report.set_defaults(func=cmd_report)
     dev = commands.add_parser(
         "dev", help="run with a local Redis and Postgres under --run-dir and a funded demo account"
     )

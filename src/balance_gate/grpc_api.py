@@ -12,6 +12,7 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import fields
 from typing import Any, TypeVar
 
 import asyncpg
@@ -441,18 +442,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.MonthlyReportRequest, context: Context
     ) -> admin_pb2.MonthlyReportResponse:
         report = await self._topups.monthly_report(request.account_id, request.month)
+        sums = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "month"}
         return admin_pb2.MonthlyReportResponse(
-            account_id=request.account_id,
-            month=request.month,
-            currency=report.currency,
-            top_ups_succeeded=report.top_ups_succeeded,
-            top_ups_failed=report.top_ups_failed,
-            top_ups_micros=report.top_ups_micros,
-            top_ups_credited_micros=report.top_ups_credited_micros,
-            invoices=report.invoices,
-            invoiced_minor=report.invoiced_minor,
-            usage_micros=report.usage_micros,
-            adjustments_micros=report.adjustments_micros,
+            account_id=request.account_id, month=request.month, **sums
         )
 
     @rpc

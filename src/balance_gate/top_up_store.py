@@ -103,6 +103,15 @@ class MonthlyReport:
     invoiced_minor: int
     usage_micros: int
     adjustments_micros: int
+    refunds_micros: int  # refunded to cards (net of refunds the gateway refused)
+    credit_notes: int
+    credit_noted_minor: int  # sum of the credit notes: negative
+    lots_opened: int
+    lots_opened_micros: int
+    lots_consumed_micros: int
+    lots_refunded_micros: int
+    lots_expired_micros: int
+    credit_used_micros: int  # usage no lot covers, when the report is made
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,7 +538,29 @@ class TopUpStore:
                    WHERE account_id = $1 AND occurred_at >= since AND occurred_at < until)::bigint,
                  (SELECT coalesce(sum(amount_micros), 0) FROM credits, bounds
                    WHERE account_id = $1 AND kind = 'adjustment'
-                     AND created_at >= since AND created_at < until)::bigint""",
+                     AND created_at >= since AND created_at < until)::bigint,
+                 (SELECT coalesce(-sum(amount_micros), 0) FROM credits, bounds
+                   WHERE account_id = $1 AND kind = 'refund'
+                     AND created_at >= since AND created_at < until)::bigint,
+                 (SELECT count(*) FROM credit_notes, bounds WHERE account_id = $1
+                   AND issued_at >= since AND issued_at < until)::int,
+                 (SELECT coalesce(sum(amount_minor), 0) FROM credit_notes, bounds
+                   WHERE account_id = $1 AND issued_at >= since AND issued_at < until)::bigint,
+                 (SELECT count(*) FROM credit_lots, bounds WHERE account_id = $1
+                   AND purchased_at >= since AND purchased_at < until)::int,
+                 (SELECT coalesce(sum(amount_micros), 0) FROM credit_lots, bounds
+                   WHERE account_id = $1
+                     AND purchased_at >= since AND purchased_at < until)::bigint,
+                 (SELECT coalesce(sum(amount_micros) FILTER (WHERE kind = 'consumed'), 0)
+                   FROM lot_movements, bounds WHERE account_id = $1
+                   AND at >= since AND at < until)::bigint,
+                 (SELECT coalesce(sum(amount_micros) FILTER (WHERE kind = 'refunded'), 0)
+                   FROM lot_movements, bounds WHERE account_id = $1
+                   AND at >= since AND at < until)::bigint,
+                 (SELECT coalesce(sum(amount_micros) FILTER (WHERE kind = 'expired'), 0)
+                   FROM lot_movements, bounds WHERE account_id = $1
+                   AND at >= since AND at < until)::bigint,
+                 (SELECT unpaid_micros FROM accounts WHERE account_id = $1)""",
             account_id,
             first_day,
             next_first,

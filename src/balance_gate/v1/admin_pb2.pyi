@@ -720,6 +720,14 @@ class MonthlyReportResponse(_message.Message):
     USAGE_MICROS_FIELD_NUMBER: _builtins.int
     ADJUSTMENTS_MICROS_FIELD_NUMBER: _builtins.int
     REFUNDS_MICROS_FIELD_NUMBER: _builtins.int
+    CREDIT_NOTES_FIELD_NUMBER: _builtins.int
+    CREDIT_NOTED_MINOR_FIELD_NUMBER: _builtins.int
+    LOTS_OPENED_FIELD_NUMBER: _builtins.int
+    LOTS_OPENED_MICROS_FIELD_NUMBER: _builtins.int
+    LOTS_CONSUMED_MICROS_FIELD_NUMBER: _builtins.int
+    LOTS_REFUNDED_MICROS_FIELD_NUMBER: _builtins.int
+    LOTS_EXPIRED_MICROS_FIELD_NUMBER: _builtins.int
+    CREDIT_USED_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     month: _builtins.str
     currency: _builtins.str
@@ -738,7 +746,23 @@ class MonthlyReportResponse(_message.Message):
     adjustments_micros: _builtins.int
     """Operator adjustments (Credit), micro-USD."""
     refunds_micros: _builtins.int
-    """Refunds (credit notes) come with refunds of unconsumed credit."""
+    """Refunded to cards (P13, P14), micro-USD, net of refunds the gateway refused."""
+    credit_notes: _builtins.int
+    """Credit notes (negative invoices) written in the month, and their sum
+    (negative), minor units of the charged currency.
+    """
+    credit_noted_minor: _builtins.int
+    lots_opened: _builtins.int
+    """Credit lots opened in the month (every positive credit), and their amount."""
+    lots_opened_micros: _builtins.int
+    lots_consumed_micros: _builtins.int
+    """What happened to the account's lots in the month, micro-USD: burnt by usage,
+    refunded, expired (O2).
+    """
+    lots_refunded_micros: _builtins.int
+    lots_expired_micros: _builtins.int
+    credit_used_micros: _builtins.int
+    """Usage no lot covers (the negative balance, O3) when the report is made."""
     def __init__(
         self,
         *,
@@ -754,10 +778,18 @@ class MonthlyReportResponse(_message.Message):
         usage_micros: _builtins.int = ...,
         adjustments_micros: _builtins.int = ...,
         refunds_micros: _builtins.int = ...,
+        credit_notes: _builtins.int = ...,
+        credit_noted_minor: _builtins.int = ...,
+        lots_opened: _builtins.int = ...,
+        lots_opened_micros: _builtins.int = ...,
+        lots_consumed_micros: _builtins.int = ...,
+        lots_refunded_micros: _builtins.int = ...,
+        lots_expired_micros: _builtins.int = ...,
+        credit_used_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjustments_micros", b"adjustments_micros", "currency", b"currency", "invoiced_minor", b"invoiced_minor", "invoices", b"invoices", "month", b"month", "refunds_micros", b"refunds_micros", "top_ups_credited_micros", b"top_ups_credited_micros", "top_ups_failed", b"top_ups_failed", "top_ups_micros", b"top_ups_micros", "top_ups_succeeded", b"top_ups_succeeded", "usage_micros", b"usage_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjustments_micros", b"adjustments_micros", "credit_noted_minor", b"credit_noted_minor", "credit_notes", b"credit_notes", "credit_used_micros", b"credit_used_micros", "currency", b"currency", "invoiced_minor", b"invoiced_minor", "invoices", b"invoices", "lots_consumed_micros", b"lots_consumed_micros", "lots_expired_micros", b"lots_expired_micros", "lots_opened", b"lots_opened", "lots_opened_micros", b"lots_opened_micros", "lots_refunded_micros", b"lots_refunded_micros", "month", b"month", "refunds_micros", b"refunds_micros", "top_ups_credited_micros", b"top_ups_credited_micros", "top_ups_failed", b"top_ups_failed", "top_ups_micros", b"top_ups_micros", "top_ups_succeeded", b"top_ups_succeeded", "usage_micros", b"usage_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
