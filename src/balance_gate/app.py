@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.appeals import Appeals
+from balance_gate.credit_lines import CreditLines
 from balance_gate.emails import EmailSender, SmtpConfig
 from balance_gate.flusher import UsageFlusher, consumer_name
 from balance_gate.fx import FxRates
@@ -107,6 +108,7 @@ class App:
     refunds: Refunds
     expiry: LotExpiry
     appeals: Appeals
+    credit_lines: CreditLines
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -169,6 +171,7 @@ class App:
             refunds,
             LotExpiry(pool, pg, hot, accounts),
             Appeals(pool, refunds, topups),
+            CreditLines(pool, pg, hot),
         )
 
     async def close(self) -> None:

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.appeals import Appeal, Appeals
+from balance_gate.credit_lines import CreditLine, CreditLines
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
 from balance_gate.refunds import RefundRow, Refunds
@@ -280,14 +281,67 @@ def _appeal(appeal: Appeal) -> admin_pb2.AbuseAppeal:
     )
 
 
+def _credit_line(line: CreditLine) -> admin_pb2.CreditLine:
+    return admin_pb2.CreditLine(
+        account_id=line.account_id,
+        limit_micros=line.limit_micros,
+        deposit_micros=line.deposit_micros,
+        review_every_days=line.review_every_days,
+        next_review_on=line.next_review_on.isoformat(),
+        high_cost_capabilities=line.high_cost_capabilities,
+        stop_loss=admin_pb2.StopLoss(
+            share_pct=line.stop_loss_share_pct, rate_per_s=line.stop_loss_rate_per_s
+        ),
+        entity=line.entity,
+        payment_terms_days=line.payment_terms_days,
+        expected_monthly_micros=line.expected_monthly_micros,
+        expected_peak_micros=line.expected_peak_micros,
+        expected_high_cost_share_pct=line.expected_high_cost_share_pct,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, accounts: Accounts, topups: TopUps, refunds: Refunds, appeals: Appeals
+        self,
+        accounts: Accounts,
+        topups: TopUps,
+        refunds: Refunds,
+        appeals: Appeals,
+        credit_lines: CreditLines,
     ) -> None:
         self._accounts = accounts
         self._topups = topups
         self._refunds = refunds
         self._appeals = appeals
+        self._credit_lines = credit_lines
+
+    @rpc
+    async def SetCreditLine(
+        self, request: admin_pb2.CreditLine, context: Context
+    ) -> admin_pb2.CreditLine:
+        stop_loss = request.stop_loss if request.HasField("stop_loss") else None
+        line = CreditLine(
+            account_id=request.account_id,
+            limit_micros=request.limit_micros,
+            deposit_micros=request.deposit_micros,
+            review_every_days=request.review_every_days,
+            next_review_on=dt.date.today(),  # set by the store
+            high_cost_capabilities=tuple(request.high_cost_capabilities),
+            stop_loss_share_pct=stop_loss.share_pct if stop_loss and stop_loss.share_pct else 100,
+            stop_loss_rate_per_s=stop_loss.rate_per_s if stop_loss else 0,
+            entity=request.entity,
+            payment_terms_days=request.payment_terms_days,
+            expected_monthly_micros=request.expected_monthly_micros,
+            expected_peak_micros=request.expected_peak_micros,
+            expected_high_cost_share_pct=request.expected_high_cost_share_pct,
+        )
+        return _credit_line(await self._credit_lines.set(line))
+
+    @rpc
+    async def GetCreditLine(
+        self, request: admin_pb2.GetCreditLineRequest, context: Context
+    ) -> admin_pb2.CreditLine:
+        return _credit_line(await self._credit_lines.get(request.account_id))
 
     @rpc
     async def FileAbuseAppeal(

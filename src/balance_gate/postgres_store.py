@@ -45,6 +45,8 @@ class LoadSnapshot:
     unapplied_credit_ids: list[int]
     # (armed, threshold): whether debits below the threshold raise a top-up trigger.
     auto_top_up: tuple[bool, int] = (False, 0)
+    # How low the balance may go: minus the credit line's limit (C1), else 0.
+    floor_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +158,10 @@ class PostgresStore:
             row = await conn.fetchrow(
                 """SELECT a.status, a.credited_micros - a.used_micros AS balance,
                           coalesce(t.enabled AND NOT t.paused, false) AS armed,
-                          coalesce(t.trigger_threshold_usd_micros, 0) AS threshold
+                          coalesce(t.trigger_threshold_usd_micros, 0) AS threshold,
+                          -coalesce(l.limit_micros, 0) AS floor
                    FROM accounts a LEFT JOIN auto_top_up t USING (account_id)
+                   LEFT JOIN credit_lines l USING (account_id)
                    WHERE a.account_id = $1""",
                 account_id,
             )
@@ -172,6 +176,7 @@ class PostgresStore:
             row["balance"],
             [r["credit_id"] for r in unapplied],
             (row["armed"], row["threshold"]),
+            row["floor"],
         )
 
     async def set_status(self, conn: Connection, account_id: str, status: str) -> AccountRow:

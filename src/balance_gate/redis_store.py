@@ -330,6 +330,7 @@ class RedisStore:
         status: str,
         unapplied_credit_ids: Sequence[int],
         auto_top_up: tuple[bool, int] = (False, 0),
+        floor_micros: int = 0,
     ) -> ScriptResult:
         markers = [self.keys.credit_marker(account_id, cid) for cid in unapplied_credit_ids]
         reply = await self._sync(
@@ -341,9 +342,18 @@ class RedisStore:
                 str(CREDIT_MARKER_TTL_SECONDS),
                 "1" if auto_top_up[0] else "0",
                 str(auto_top_up[1]),
+                str(floor_micros),
             ],
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
+
+    async def set_floor(self, account_id: str, floor_micros: int) -> bool:
+        """How low Authorize may take the balance (C1); False when not loaded."""
+        return bool(
+            await self._set_fields(
+                keys=[self.keys.account(account_id)], args=["floor", str(floor_micros)]
+            )
+        )
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is disabled (managed Redis)."""

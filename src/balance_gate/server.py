@@ -95,7 +95,8 @@ class Sidecar:
         self._admin, self._admin_health = _listener(
             ADMIN_SERVICE,
             lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
-                AdminServicer(app.accounts, app.topups, app.refunds, app.appeals), s
+                AdminServicer(app.accounts, app.topups, app.refunds, app.appeals, app.credit_lines),
+                s,
             ),
             reuse_port=reuse_port,
         )

@@ -2,7 +2,7 @@
   Decide one proxied request: de-duplicate, check, debit, record usage. Atomic.
   (lib/leases.lua is prepended.)
 
-  KEYS[1] account hash    {balance, unflushed, status, leased, recall, at_on, at_thr}
+  KEYS[1] account hash    {balance, unflushed, status, leased, recall, at_on, at_thr, floor}
   KEYS[2] request record  "<authorized>" or "<authorized>:<settled>", expires after ARGV[3] s
   KEYS[3] usage stream of the account's shard
   KEYS[4] the account's "top-up triggered" flag (expires: a lost trigger never blocks)
@@ -15,7 +15,9 @@
   ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
   ARGV[7] lifetime of a trigger flag in seconds
 
-  Balances returned are what the customer holds: balance + leased.
+  Balances returned are what the customer holds: balance + leased. A request
+  is paid while the balance stays at or above 'floor' (0, or minus the credit
+  line's limit, C1).
   A decision that leaves that under the auto top-up threshold (field at_thr,
   when at_on = '1') raises ONE trigger: only if the flag was not set. A denial
   raises it too (P9: the request fails, the top-up still starts).
@@ -29,13 +31,15 @@
     10 LEASED                the balance cannot pay but leases hold money: their holders
                              are asked to return it ('recall'); retry shortly
 ]]
-local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr', 'leased')
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr', 'leased',
+  'floor')
 local status = account[1]
 if not status then
   return {3, 0, 0}
 end
 local balance = tonumber(account[2])
 local leased = tonumber(account[5] or '0')
+local floor = tonumber(account[6] or '0')
 
 local function maybe_trigger(held)
   if account[3] == '1' and held < tonumber(account[4]) then
@@ -58,15 +62,15 @@ if status ~= 'active' then
   return {2, balance + leased, 0}
 end
 local amount = tonumber(ARGV[1])
-if balance < amount and leased > 0 then
+if balance - amount < floor and leased > 0 then
   local back = reclaim_expired(KEYS[1], KEYS[6], now_ms())
   balance, leased = balance + back, leased - back
-  if balance < amount and leased > 0 then
+  if balance - amount < floor and leased > 0 then
     redis.call('HSET', KEYS[1], 'recall', '1')
     return {10, balance + leased, 0}
   end
 end
-if balance < amount then
+if balance - amount < floor then
   maybe_trigger(balance + leased)
   return {1, balance + leased, 0}
 end

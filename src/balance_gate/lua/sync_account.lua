@@ -13,6 +13,7 @@
   ARGV[3] status ('active' | 'disabled')
   ARGV[4] marker TTL in seconds
   ARGV[5] auto top-up on ('1' | '0')      ARGV[6] auto top-up threshold, micro-USD
+  ARGV[7] floor: how low Authorize may take the balance (minus the credit limit, C1)
 
   Invariant kept: balance + leased + unflushed = ledger balance, because every
   debit moves an amount from balance (or a lease) to unflushed, and every
@@ -33,7 +34,7 @@ end
 local current = redis.call('HMGET', KEYS[1], 'balance', 'unflushed', 'leased')
 if not current[1] then
   redis.call('HSET', KEYS[1], 'balance', ARGV[2], 'unflushed', '0', 'status', ARGV[3],
-    'at_on', ARGV[5], 'at_thr', ARGV[6])
+    'at_on', ARGV[5], 'at_thr', ARGV[6], 'floor', ARGV[7])
   mark_credits()
   return {0, tonumber(ARGV[2]), 0}
 end
@@ -48,6 +49,7 @@ local balance = tonumber(current[1])
 if correction ~= 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', correction))
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'at_on', ARGV[5], 'at_thr', ARGV[6])
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'at_on', ARGV[5], 'at_thr', ARGV[6],
+  'floor', ARGV[7])
 mark_credits()
 return {0, balance + leased, correction}

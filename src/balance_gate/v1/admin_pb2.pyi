@@ -1022,3 +1022,106 @@ class AbuseAppeal(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbuseAppeal: _TypeAlias = AbuseAppeal  # noqa: Y015
+
+@_typing.final
+class StopLoss(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARE_PCT_FIELD_NUMBER: _builtins.int
+    RATE_PER_S_FIELD_NUMBER: _builtins.int
+    share_pct: _builtins.int
+    """C4: from this share of the limit used on (1..100, default 100), requests
+    for high-cost capabilities are blocked. (Enforcement: not built yet.)
+    """
+    rate_per_s: _builtins.int
+    """Then also at most this many requests per second (0: no cap)."""
+    def __init__(
+        self,
+        *,
+        share_pct: _builtins.int = ...,
+        rate_per_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_per_s", b"rate_per_s", "share_pct", b"share_pct"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopLoss: _TypeAlias = StopLoss  # noqa: Y015
+
+@_typing.final
+class CreditLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    DEPOSIT_MICROS_FIELD_NUMBER: _builtins.int
+    REVIEW_EVERY_DAYS_FIELD_NUMBER: _builtins.int
+    NEXT_REVIEW_ON_FIELD_NUMBER: _builtins.int
+    HIGH_COST_CAPABILITIES_FIELD_NUMBER: _builtins.int
+    STOP_LOSS_FIELD_NUMBER: _builtins.int
+    ENTITY_FIELD_NUMBER: _builtins.int
+    PAYMENT_TERMS_DAYS_FIELD_NUMBER: _builtins.int
+    EXPECTED_MONTHLY_MICROS_FIELD_NUMBER: _builtins.int
+    EXPECTED_PEAK_MICROS_FIELD_NUMBER: _builtins.int
+    EXPECTED_HIGH_COST_SHARE_PCT_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    limit_micros: _builtins.int
+    """C1: the largest unpaid exposure accepted, micro-USD."""
+    deposit_micros: _builtins.int
+    review_every_days: _builtins.int
+    """C3: a review every this many days (1..366); next_review_on is set from it."""
+    next_review_on: _builtins.str
+    """YYYY-MM-DD, output only"""
+    entity: _builtins.str
+    """C2: the customer profile and expected consumption, for the reviewer."""
+    payment_terms_days: _builtins.int
+    expected_monthly_micros: _builtins.int
+    expected_peak_micros: _builtins.int
+    expected_high_cost_share_pct: _builtins.int
+    @_builtins.property
+    def high_cost_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def stop_loss(self) -> Global___StopLoss: ...
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        limit_micros: _builtins.int = ...,
+        deposit_micros: _builtins.int = ...,
+        review_every_days: _builtins.int = ...,
+        next_review_on: _builtins.str = ...,
+        high_cost_capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        stop_loss: Global___StopLoss | None = ...,
+        entity: _builtins.str = ...,
+        payment_terms_days: _builtins.int = ...,
+        expected_monthly_micros: _builtins.int = ...,
+        expected_peak_micros: _builtins.int = ...,
+        expected_high_cost_share_pct: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stop_loss", b"stop_loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "deposit_micros", b"deposit_micros", "entity", b"entity", "expected_high_cost_share_pct", b"expected_high_cost_share_pct", "expected_monthly_micros", b"expected_monthly_micros", "expected_peak_micros", b"expected_peak_micros", "high_cost_capabilities", b"high_cost_capabilities", "limit_micros", b"limit_micros", "next_review_on", b"next_review_on", "payment_terms_days", b"payment_terms_days", "review_every_days", b"review_every_days", "stop_loss", b"stop_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditLine: _TypeAlias = CreditLine  # noqa: Y015
+
+@_typing.final
+class GetCreditLineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCreditLineRequest: _TypeAlias = GetCreditLineRequest  # noqa: Y015

@@ -99,6 +99,16 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
                 _registered_method=True)
+        self.SetCreditLine = channel.unary_unary(
+                '/balance_gate.v1.Admin/SetCreditLine',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
+                _registered_method=True)
+        self.GetCreditLine = channel.unary_unary(
+                '/balance_gate.v1.Admin/GetCreditLine',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
+                _registered_method=True)
         self.ResolveAbuseAppeal = channel.unary_unary(
                 '/balance_gate.v1.Admin/ResolveAbuseAppeal',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ResolveAbuseAppealRequest.SerializeToString,
@@ -224,6 +234,20 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCreditLine(self, request, context):
+        """C1, C2: a credit line lets the balance go down to -limit_micros. Creates
+        or replaces the account's line; a new line should start conservative.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCreditLine(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveAbuseAppeal(self, request, context):
         """Confirmed: every covered auto top-up is refunded for all its unconsumed
         credit and auto top-up is paused until resumed by hand.
@@ -325,6 +349,16 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.FileAbuseAppeal,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.SerializeToString,
+            ),
+            'SetCreditLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCreditLine,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.SerializeToString,
+            ),
+            'GetCreditLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCreditLine,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.SerializeToString,
             ),
             'ResolveAbuseAppeal': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveAbuseAppeal,
@@ -703,6 +737,60 @@ class Admin:
             '/balance_gate.v1.Admin/FileAbuseAppeal',
             balance__gate_dot_v1_dot_admin__pb2.FileAbuseAppealRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.AbuseAppeal.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCreditLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/SetCreditLine',
+            balance__gate_dot_v1_dot_admin__pb2.CreditLine.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCreditLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/GetCreditLine',
+            balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
             options,
             channel_credentials,
             insecure,

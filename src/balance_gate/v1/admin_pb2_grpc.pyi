@@ -68,6 +68,11 @@ class AdminStub:
     """P14: a customer who believes auto top-ups came from abuse appeals within 7
     days of them; the appeal covers the auto top-ups of the 7 days before it.
     """
+    SetCreditLine: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreditLine, _admin_pb2.CreditLine]
+    """C1, C2: a credit line lets the balance go down to -limit_micros. Creates
+    or replaces the account's line; a new line should start conservative.
+    """
+    GetCreditLine: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCreditLineRequest, _admin_pb2.CreditLine]
     ResolveAbuseAppeal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]
     """Confirmed: every covered auto top-up is refunded for all its unconsumed
     credit and auto top-up is paused until resumed by hand.
@@ -117,6 +122,11 @@ class AdminAsyncStub(AdminStub):
     """P14: a customer who believes auto top-ups came from abuse appeals within 7
     days of them; the appeal covers the auto top-ups of the 7 days before it.
     """
+    SetCreditLine: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreditLine, _admin_pb2.CreditLine]  # type: ignore[assignment]
+    """C1, C2: a credit line lets the balance go down to -limit_micros. Creates
+    or replaces the account's line; a new line should start conservative.
+    """
+    GetCreditLine: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCreditLineRequest, _admin_pb2.CreditLine]  # type: ignore[assignment]
     ResolveAbuseAppeal: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]  # type: ignore[assignment]
     """Confirmed: every covered auto top-up is refunded for all its unconsumed
     credit and auto top-up is paused until resumed by hand.
@@ -241,6 +251,23 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """P14: a customer who believes auto top-ups came from abuse appeals within 7
         days of them; the appeal covers the auto top-ups of the 7 days before it.
         """
+
+    @_abc_1.abstractmethod
+    def SetCreditLine(
+        self,
+        request: _admin_pb2.CreditLine,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreditLine, _abc.Awaitable[_admin_pb2.CreditLine]]:
+        """C1, C2: a credit line lets the balance go down to -limit_micros. Creates
+        or replaces the account's line; a new line should start conservative.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCreditLine(
+        self,
+        request: _admin_pb2.GetCreditLineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreditLine, _abc.Awaitable[_admin_pb2.CreditLine]]: ...
 
     @_abc_1.abstractmethod
     def ResolveAbuseAppeal(

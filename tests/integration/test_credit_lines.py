@@ -1,0 +1,105 @@
+"""Credit lines C1 and C2: a limit lets the balance go below zero, down to -limit."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import grpc
+import pytest
+
+from balance_gate.app import App
+from balance_gate.credit_lines import CreditLine
+from balance_gate.errors import InvalidArgument, NotFound
+from balance_gate.v1 import admin_pb2
+from tests.conftest import RunningGate
+from tests.helpers import USD, fund, rid
+
+CENT = 10_000
+
+
+def _line(account_id: str, limit: int, **profile: object) -> CreditLine:
+    return CreditLine(
+        account_id=account_id,
+        limit_micros=limit,
+        deposit_micros=0,
+        review_every_days=30,
+        next_review_on=dt.date.today(),
+        high_cost_capabilities=(),
+        **profile,  # type: ignore[arg-type]
+    )
+
+
+async def test_c1_a_limit_lets_the_balance_go_down_to_minus_the_limit(app: App) -> None:
+    await fund(app, "c1", 1 * USD)
+    await app.credit_lines.set(_line("c1", 2 * USD))
+    first = await app.gate.authorize("c1", rid(), 250 * CENT, "")
+    assert (first.allowed, first.balance_micros) == (True, -150 * CENT)
+    second = await app.gate.authorize("c1", rid(), 50 * CENT, "")
+    assert (second.allowed, second.balance_micros) == (True, -2 * USD)
+    beyond = await app.gate.authorize("c1", rid(), 1, "")
+    assert (beyond.allowed, beyond.code) == (False, "insufficient_balance")
+
+
+async def test_c1_the_limit_survives_redis_losing_the_account(app: App) -> None:
+    await fund(app, "c1-reload", 1 * USD)
+    await app.credit_lines.set(_line("c1-reload", 1 * USD))
+    assert (await app.gate.authorize("c1-reload", rid(), 150 * CENT, "")).allowed
+    await app.flusher.drain()
+    await app.redis.delete(app.hot.keys.account("c1-reload"))  # loaded again from Postgres
+    assert (await app.gate.authorize("c1-reload", rid(), 50 * CENT, "")).allowed
+    assert not (await app.gate.authorize("c1-reload", rid(), 1, "")).allowed
+
+
+async def test_c1_without_a_line_the_floor_is_zero_and_a_line_can_be_cut(app: App) -> None:
+    await fund(app, "c1-cut", 1 * USD)
+    assert not (await app.gate.authorize("c1-cut", rid(), 101 * CENT, "")).allowed
+    await app.credit_lines.set(_line("c1-cut", 5 * USD))
+    assert (await app.gate.authorize("c1-cut", rid(), 101 * CENT, "")).allowed
+    await app.credit_lines.set(_line("c1-cut", 0))  # the operator cuts the line
+    assert not (await app.gate.authorize("c1-cut", rid(), 1, "")).allowed
+
+
+async def test_c2_the_profile_is_kept_for_the_reviewer(app: App) -> None:
+    await fund(app, "c2", 1 * USD)
+    line = _line(
+        "c2",
+        3 * USD,
+        entity="Example GmbH",
+        payment_terms_days=45,
+        expected_monthly_micros=900 * USD,
+        expected_peak_micros=80 * USD,
+        expected_high_cost_share_pct=30,
+    )
+    stored = await app.credit_lines.set(line)
+    assert stored.entity == "Example GmbH"
+    assert (stored.payment_terms_days, stored.expected_high_cost_share_pct) == (45, 30)
+    assert stored.next_review_on == dt.date.today() + dt.timedelta(days=30)
+    assert await app.credit_lines.get("c2") == stored
+    with pytest.raises(InvalidArgument, match="limit_micros"):
+        await app.credit_lines.set(_line("c2", -1))
+    with pytest.raises(NotFound):
+        await app.credit_lines.set(_line("nobody", 1))
+
+
+async def test_credit_line_over_grpc(running: RunningGate) -> None:
+    await running.admin.CreateAccount(admin_pb2.CreateAccountRequest(account_id="c-rpc"))
+    line = await running.admin.SetCreditLine(
+        admin_pb2.CreditLine(
+            account_id="c-rpc",
+            limit_micros=2 * USD,
+            review_every_days=90,
+            high_cost_capabilities=["gpt-4o"],
+            stop_loss=admin_pb2.StopLoss(share_pct=80),
+        )
+    )
+    assert (line.limit_micros, line.stop_loss.share_pct, list(line.high_cost_capabilities)) == (
+        2 * USD,
+        80,
+        ["gpt-4o"],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await running.admin.SetCreditLine(
+            admin_pb2.CreditLine(account_id="c-rpc", limit_micros=1, review_every_days=0)
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "review_every_days" in (bad.value.details() or "")
