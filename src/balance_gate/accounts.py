@@ -107,7 +107,7 @@ class Accounts:
                 status=snapshot.status,
                 unapplied_credit_ids=snapshot.unapplied_credit_ids,
                 auto_top_up=snapshot.auto_top_up,
-                floor_micros=snapshot.floor_micros,
+                line_fields=snapshot.line_fields,
             )
         loaded = result.code != ScriptCode.ALREADY_LOADED
         metrics.ACCOUNT_LOADS.labels("loaded" if loaded else "already_loaded").inc()
@@ -130,7 +130,7 @@ class Accounts:
             status=snapshot.status,
             unapplied_credit_ids=snapshot.unapplied_credit_ids,
             auto_top_up=snapshot.auto_top_up,
-            floor_micros=snapshot.floor_micros,
+            line_fields=snapshot.line_fields,
         )
         return result.value
 

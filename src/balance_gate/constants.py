@@ -52,6 +52,8 @@ class ScriptCode:
     OUT_OF_RANGE: Final = 8
     ALREADY_LOADED: Final = 9
     LEASED: Final = 10
+    CAPABILITY_BLOCKED: Final = 11
+    RATE_LIMITED: Final = 12
 
 
 class DenyCode:
@@ -60,3 +62,7 @@ class DenyCode:
     INSUFFICIENT_BALANCE: Final = "insufficient_balance"
     ACCOUNT_NOT_FOUND: Final = "account_not_found"
     ACCOUNT_DISABLED: Final = "account_disabled"
+    # C4 stop-loss of a credit line: a high-cost capability past the stop-loss
+    # point, or more requests per second than the stop-loss allows.
+    CAPABILITY_BLOCKED: Final = "capability_blocked"
+    RATE_LIMITED: Final = "rate_limited"

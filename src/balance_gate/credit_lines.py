@@ -2,9 +2,10 @@
 profile a reviewer needs. Written to Postgres first, then the floor to Redis,
 under the shard's shared lock, like a credit.
 
-Built so far: the limit (enforced by authorize.lua as the account's floor), the
-deposit, the review schedule, the C2 profile and the C4 settings as data. Not
-yet: C4 enforcement (capability_blocked, rate_limited) and C3 reviews.
+Built so far: the limit (authorize.lua's floor), the C4 stop-loss (high-cost
+capabilities blocked and an optional rate cap once the balance reaches the
+stop-loss point, in authorize.lua), the deposit, the review schedule and the C2
+profile. Not yet: C3 reviews.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncpg
 from balance_gate import validation
 from balance_gate.constants import MAX_CAPABILITY_BYTES, MAX_CREDIT_MICROS
 from balance_gate.errors import InvalidArgument, NotFound
-from balance_gate.keys import shard_of
+from balance_gate.keys import credit_line_fields, shard_of
 from balance_gate.postgres_store import PostgresStore
 from balance_gate.redis_store import RedisStore
 
@@ -116,8 +117,16 @@ class CreditLines:
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(f"account {line.account_id!r} not found") from None
-            # Not loaded: the next load reads the floor from credit_lines.
-            await self._hot.set_floor(line.account_id, -line.limit_micros)
+            # Not loaded: the next load reads the line from credit_lines.
+            await self._hot.set_credit_line(
+                line.account_id,
+                credit_line_fields(
+                    line.limit_micros,
+                    line.stop_loss_share_pct,
+                    line.high_cost_capabilities,
+                    line.stop_loss_rate_per_s,
+                ),
+            )
         return await self.get(line.account_id)
 
     async def get(self, account_id: str) -> CreditLine:

@@ -37,6 +37,8 @@ class Settlement:
 _DENIALS = {
     ScriptCode.INSUFFICIENT_BALANCE: DenyCode.INSUFFICIENT_BALANCE,
     ScriptCode.ACCOUNT_DISABLED: DenyCode.ACCOUNT_DISABLED,
+    ScriptCode.CAPABILITY_BLOCKED: DenyCode.CAPABILITY_BLOCKED,
+    ScriptCode.RATE_LIMITED: DenyCode.RATE_LIMITED,
 }
 _DECISION_COUNTERS = {
     result: metrics.AUTHORIZE_DECISIONS.labels(result)

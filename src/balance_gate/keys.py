@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from balance_gate.constants import SHARD_COUNT
@@ -105,3 +106,21 @@ class Keys:
     def account_pattern(self) -> str:
         """SCAN pattern matching every account hash."""
         return f"{self.prefix}:{{*}}:acct:*"
+
+
+def credit_line_fields(
+    limit_micros: int, share_pct: int, capabilities: Sequence[str], rate_per_s: int
+) -> dict[str, str]:
+    """How a credit line lives in the account hash: its floor (C1) and stop-loss (C4).
+
+    '' removes a field (no stop-loss without a limit). sl_at: the balance at
+    and below which the stop-loss acts; sl_caps: "|cap|cap|"; sl_rate: per second.
+    """
+    if limit_micros == 0:
+        return {"floor": "0", "sl_at": "", "sl_caps": "", "sl_rate": ""}
+    return {
+        "floor": str(-limit_micros),
+        "sl_at": str(-(limit_micros * share_pct // 100)),
+        "sl_caps": "|" + "|".join(capabilities) + "|" if capabilities else "",
+        "sl_rate": str(rate_per_s) if rate_per_s else "",
+    }

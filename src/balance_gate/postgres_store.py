@@ -19,6 +19,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from balance_gate.constants import HOT_SHARD_LOCK_CLASS
 from balance_gate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from balance_gate.keys import credit_line_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +46,8 @@ class LoadSnapshot:
     unapplied_credit_ids: list[int]
     # (armed, threshold): whether debits below the threshold raise a top-up trigger.
     auto_top_up: tuple[bool, int] = (False, 0)
-    # How low the balance may go: minus the credit line's limit (C1), else 0.
-    floor_micros: int = 0
+    # The credit line (C1, C4) as the account hash holds it (credit_line_fields).
+    line_fields: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,10 @@ class PostgresStore:
                 """SELECT a.status, a.credited_micros - a.used_micros AS balance,
                           coalesce(t.enabled AND NOT t.paused, false) AS armed,
                           coalesce(t.trigger_threshold_usd_micros, 0) AS threshold,
-                          -coalesce(l.limit_micros, 0) AS floor
+                          coalesce(l.limit_micros, 0) AS line_limit,
+                          coalesce(l.stop_loss_share_pct, 100) AS line_share,
+                          coalesce(l.high_cost_capabilities, '{}') AS line_caps,
+                          coalesce(l.stop_loss_rate_per_s, 0) AS line_rate
                    FROM accounts a LEFT JOIN auto_top_up t USING (account_id)
                    LEFT JOIN credit_lines l USING (account_id)
                    WHERE a.account_id = $1""",
@@ -176,7 +180,9 @@ class PostgresStore:
             row["balance"],
             [r["credit_id"] for r in unapplied],
             (row["armed"], row["threshold"]),
-            row["floor"],
+            credit_line_fields(
+                row["line_limit"], row["line_share"], row["line_caps"], row["line_rate"]
+            ),
         )
 
     async def set_status(self, conn: Connection, account_id: str, status: str) -> AccountRow:

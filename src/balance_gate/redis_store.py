@@ -25,7 +25,7 @@ from balance_gate.constants import (
     TOP_UP_GROUP,
     USAGE_GROUP,
 )
-from balance_gate.keys import Keys
+from balance_gate.keys import Keys, credit_line_fields
 from balance_gate.postgres_store import UsageEvent
 
 _KIND = {b"a": "authorize", b"s": "settle"}
@@ -330,7 +330,7 @@ class RedisStore:
         status: str,
         unapplied_credit_ids: Sequence[int],
         auto_top_up: tuple[bool, int] = (False, 0),
-        floor_micros: int = 0,
+        line_fields: dict[str, str] | None = None,
     ) -> ScriptResult:
         markers = [self.keys.credit_marker(account_id, cid) for cid in unapplied_credit_ids]
         reply = await self._sync(
@@ -342,18 +342,15 @@ class RedisStore:
                 str(CREDIT_MARKER_TTL_SECONDS),
                 "1" if auto_top_up[0] else "0",
                 str(auto_top_up[1]),
-                str(floor_micros),
+                *(line_fields or credit_line_fields(0, 100, (), 0)).values(),
             ],
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
 
-    async def set_floor(self, account_id: str, floor_micros: int) -> bool:
-        """How low Authorize may take the balance (C1); False when not loaded."""
-        return bool(
-            await self._set_fields(
-                keys=[self.keys.account(account_id)], args=["floor", str(floor_micros)]
-            )
-        )
+    async def set_credit_line(self, account_id: str, fields: dict[str, str]) -> bool:
+        """The floor and stop-loss of a credit line (credit_line_fields); False: not loaded."""
+        args = [item for pair in fields.items() for item in pair]
+        return bool(await self._set_fields(keys=[self.keys.account(account_id)], args=args))
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is disabled (managed Redis)."""

@@ -103,3 +103,50 @@ async def test_credit_line_over_grpc(running: RunningGate) -> None:
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "review_every_days" in (bad.value.details() or "")
+
+
+def _stop_loss_line(account_id: str, *, share: int = 50, rate: int = 0) -> CreditLine:
+    return CreditLine(
+        account_id=account_id,
+        limit_micros=2 * USD,
+        deposit_micros=0,
+        review_every_days=30,
+        next_review_on=dt.date.today(),
+        high_cost_capabilities=("gpt-4o", "o1"),
+        stop_loss_share_pct=share,
+        stop_loss_rate_per_s=rate,
+    )
+
+
+async def test_c4_past_the_stop_loss_point_high_cost_capabilities_are_blocked(app: App) -> None:
+    """C4: with half of a $2 line used, gpt-4o stops; plain requests go on to the limit."""
+    await fund(app, "c4", 1 * USD)
+    await app.credit_lines.set(_stop_loss_line("c4", share=50))
+    assert (await app.gate.authorize("c4", rid(), 150 * CENT, "gpt-4o")).allowed  # -0.50
+    assert (await app.gate.authorize("c4", rid(), 50 * CENT, "gpt-4o")).allowed  # -1.00: at it
+    blocked = await app.gate.authorize("c4", rid(), 1 * CENT, "gpt-4o")
+    assert (blocked.allowed, blocked.code) == (False, "capability_blocked")
+    assert (await app.gate.authorize("c4", rid(), 1 * CENT, "")).allowed  # plain: still paid
+    assert (await app.gate.authorize("c4", rid(), 99 * CENT, "small-model")).allowed  # -2.00
+    last = await app.gate.authorize("c4", rid(), 1, "")
+    assert (last.allowed, last.code) == (False, "insufficient_balance")  # only at the limit
+    # A top-up pays the debt off: the stop-loss lifts by itself.
+    await app.accounts.credit("c4", 3 * USD, "payment", rid())
+    assert (await app.gate.authorize("c4", rid(), 1 * CENT, "gpt-4o")).allowed
+
+
+async def test_c4_past_the_stop_loss_point_requests_are_rate_limited(app: App) -> None:
+    await fund(app, "c4-rate", 1)
+    await app.credit_lines.set(_stop_loss_line("c4-rate", share=1, rate=5))
+    answers = [await app.gate.authorize("c4-rate", rid(), 1 * CENT, "") for _ in range(20)]
+    codes = [a.code for a in answers]
+    assert codes.count("rate_limited") >= 10  # 5 a second, in a burst of 20
+    assert sum(a.allowed for a in answers) <= 10
+
+
+async def test_c4_leases_stay_out_of_the_stop_loss_zone(app: App) -> None:
+    await fund(app, "c4-lease", 1 * USD)
+    await app.credit_lines.set(_stop_loss_line("c4-lease", share=50))
+    grant = await app.hot.lease_take("holder", "c4-lease", 10 * USD, 1, 5_000)
+    # Free above the stop-loss point (-$1) is $2: a lease gets at most half of it.
+    assert grant.granted_micros == 1 * USD

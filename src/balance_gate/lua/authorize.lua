@@ -28,11 +28,15 @@
     2  ACCOUNT_DISABLED      nothing debited, nothing recorded
     3  NOT_LOADED            the account is not in Redis: load it from Postgres and retry
     4  AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
+    11 CAPABILITY_BLOCKED    C4 stop-loss: the balance is at or below 'sl_at' and the
+                             capability is in 'sl_caps' ("|cap|cap|")
+    12 RATE_LIMITED          C4 stop-loss: more than 'sl_rate' requests per second
+                             (a token bucket in 'sl_tokens' / 'sl_ms')
     10 LEASED                the balance cannot pay but leases hold money: their holders
                              are asked to return it ('recall'); retry shortly
 ]]
 local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'at_on', 'at_thr', 'leased',
-  'floor')
+  'floor', 'sl_at', 'sl_caps', 'sl_rate')
 local status = account[1]
 if not status then
   return {3, 0, 0}
@@ -61,6 +65,26 @@ end
 if status ~= 'active' then
   return {2, balance + leased, 0}
 end
+-- C4: past the stop-loss point, high-cost capabilities stop first, then the rate.
+if account[7] and balance + leased <= tonumber(account[7]) then
+  if ARGV[6] ~= '' and account[8] and string.find(account[8], '|' .. ARGV[6] .. '|', 1, true) then
+    return {11, balance + leased, 0}
+  end
+  local rate = tonumber(account[9] or '0')
+  if rate > 0 then
+    local now = now_ms()
+    local bucket = redis.call('HMGET', KEYS[1], 'sl_tokens', 'sl_ms')
+    local tokens = tonumber(bucket[1] or rate)
+    local since = tonumber(bucket[2] or now)
+    tokens = math.min(rate, tokens + (now - since) * rate / 1000)
+    if tokens < 1 then
+      redis.call('HSET', KEYS[1], 'sl_tokens', tostring(tokens), 'sl_ms', now)
+      return {12, balance + leased, 0}
+    end
+    redis.call('HSET', KEYS[1], 'sl_tokens', tostring(tokens - 1), 'sl_ms', now)
+  end
+end
+
 local amount = tonumber(ARGV[1])
 if balance - amount < floor and leased > 0 then
   local back = reclaim_expired(KEYS[1], KEYS[6], now_ms())

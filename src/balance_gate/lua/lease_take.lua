@@ -8,14 +8,16 @@
   ARGV[2] wanted amount   ARGV[3] smallest grant worth having
   ARGV[4] lease lifetime in ms (the holder stops using it earlier)
 
-  Leases stay away from the floor (0, or minus a credit line's limit): a grant
-  is at most half of what the balance holds above it, so as the balance falls leases shrink, and none is granted while
+  Leases stay away from the floor (0, or minus a credit line's limit, or the
+  line's stop-loss point when set): a grant is at most half of what the
+  balance holds above it, so as the balance falls leases shrink, and none is granted while
   a recall is pending or the account is not active.
 
   Returns {granted, balance + leased, the holder's lease now}
     granted = -1 when the account is not in Redis (NOT_LOADED)
 ]]
-local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'leased', 'recall', 'floor')
+local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'leased', 'recall', 'floor',
+  'sl_at')
 if not account[1] then
   return {-1, 0, 0}
 end
@@ -33,7 +35,10 @@ if mine then
   held = tonumber(string.match(mine, '^(%d+):'))
 end
 
-local free = balance - tonumber(account[5] or '0')
+-- Leases never reach into a credit line's stop-loss zone (C4), where the script
+-- must see each request's capability: they stay above 'sl_at' when it is set.
+local lowest = tonumber(account[6] or account[5] or '0')
+local free = balance - lowest
 local grant = math.min(tonumber(ARGV[2]), math.floor(free / 2))
 if account[1] ~= 'active' or account[4] or grant < tonumber(ARGV[3]) then
   grant = 0

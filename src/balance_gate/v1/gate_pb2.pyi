@@ -64,7 +64,8 @@ class AuthorizeResponse(_message.Message):
     allowed: _builtins.bool
     code: _builtins.str
     """"" when allowed; otherwise a stable lowercase code:
-    insufficient_balance, account_not_found, account_disabled.
+    insufficient_balance, account_not_found, account_disabled, and under a
+    credit line's stop-loss: capability_blocked, rate_limited.
     """
     balance_micros: _builtins.int
     """The balance after this decision."""
