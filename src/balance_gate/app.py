@@ -11,6 +11,7 @@ from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.appeals import Appeals
 from balance_gate.credit_lines import CreditLines
+from balance_gate.credit_reviews import CreditReviews, ReviewRules
 from balance_gate.emails import EmailSender, SmtpConfig
 from balance_gate.flusher import UsageFlusher, consumer_name
 from balance_gate.fx import FxRates
@@ -109,6 +110,7 @@ class App:
     expiry: LotExpiry
     appeals: Appeals
     credit_lines: CreditLines
+    credit_reviews: CreditReviews
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate: bool = True) -> App:
@@ -155,6 +157,7 @@ class App:
         )
         emails = EmailSender(pool, smtp_config(settings))
         refunds = Refunds(pool, pg, hot, accounts, topups.gateway)
+        lines = CreditLines(pool, pg, hot)
         return cls(
             settings,
             client,
@@ -171,7 +174,17 @@ class App:
             refunds,
             LotExpiry(pool, pg, hot, accounts),
             Appeals(pool, refunds, topups),
-            CreditLines(pool, pg, hot),
+            lines,
+            CreditReviews(
+                pool,
+                lines,
+                ReviewRules(
+                    overdue_invoices=settings.credit_review_overdue_invoices,
+                    surge_factor=settings.credit_review_surge_factor,
+                    high_cost_margin_pct=settings.credit_review_high_cost_margin_pct,
+                    auto_cut_pct=settings.credit_review_auto_cut_pct,
+                ),
+            ),
         )
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.appeals import Appeal, Appeals
 from balance_gate.credit_lines import CreditLine, CreditLines
+from balance_gate.credit_reviews import CreditReviews, Review
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
 from balance_gate.refunds import RefundRow, Refunds
@@ -300,6 +301,22 @@ def _credit_line(line: CreditLine) -> admin_pb2.CreditLine:
     )
 
 
+def _review(review: Review) -> admin_pb2.CreditReview:
+    return admin_pb2.CreditReview(
+        review_id=review.review_id,
+        account_id=review.account_id,
+        reason=review.reason,
+        detail=review.detail,
+        opened_at=_timestamp(review.opened_at),
+        limit_before_micros=review.limit_before,
+        limit_cut_to_micros=review.limit_cut_to,
+        status=review.status,
+        closed_at=_timestamp(review.closed_at) if review.closed_at else None,
+        decision=review.decision or "",
+        new_limit_micros=review.new_limit,
+    )
+
+
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
@@ -308,12 +325,44 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         refunds: Refunds,
         appeals: Appeals,
         credit_lines: CreditLines,
+        credit_reviews: CreditReviews,
     ) -> None:
         self._accounts = accounts
         self._topups = topups
         self._refunds = refunds
         self._appeals = appeals
         self._credit_lines = credit_lines
+        self._credit_reviews = credit_reviews
+
+    @rpc
+    async def ListCreditReviews(
+        self, request: admin_pb2.ListCreditReviewsRequest, context: Context
+    ) -> admin_pb2.ListCreditReviewsResponse:
+        reviews = await self._credit_reviews.list(request.account_id)
+        return admin_pb2.ListCreditReviewsResponse(reviews=[_review(r) for r in reviews])
+
+    @rpc
+    async def CloseCreditReview(
+        self, request: admin_pb2.CloseCreditReviewRequest, context: Context
+    ) -> admin_pb2.CreditReview:
+        new_limit = request.new_limit_micros if request.HasField("new_limit_micros") else None
+        return _review(
+            await self._credit_reviews.close(request.review_id, request.decision, new_limit)
+        )
+
+    @rpc
+    async def MarkInvoiceOverdue(
+        self, request: admin_pb2.MarkInvoiceRequest, context: Context
+    ) -> admin_pb2.MarkInvoiceResponse:
+        await self._credit_reviews.mark_invoice(request.invoice_number, overdue=True)
+        return admin_pb2.MarkInvoiceResponse()
+
+    @rpc
+    async def MarkInvoicePaid(
+        self, request: admin_pb2.MarkInvoiceRequest, context: Context
+    ) -> admin_pb2.MarkInvoiceResponse:
+        await self._credit_reviews.mark_invoice(request.invoice_number, overdue=False)
+        return admin_pb2.MarkInvoiceResponse()
 
     @rpc
     async def SetCreditLine(

@@ -95,7 +95,14 @@ class Sidecar:
         self._admin, self._admin_health = _listener(
             ADMIN_SERVICE,
             lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
-                AdminServicer(app.accounts, app.topups, app.refunds, app.appeals, app.credit_lines),
+                AdminServicer(
+                    app.accounts,
+                    app.topups,
+                    app.refunds,
+                    app.appeals,
+                    app.credit_lines,
+                    app.credit_reviews,
+                ),
                 s,
             ),
             reuse_port=reuse_port,
@@ -119,6 +126,7 @@ class Sidecar:
             asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
             asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
             asyncio.create_task(self._expire_lots(), name="lot-expiry"),
+            asyncio.create_task(self._review_credit_lines(), name="credit-reviews"),
             asyncio.create_task(
                 self.app.top_up_worker.run(self._stop_background), name="top-up-worker"
             ),
@@ -151,7 +159,7 @@ class Sidecar:
                 await task
         self._stop_background.set()
         for task in self._tasks:
-            if task.get_name() in ("credit-sweeper", "lot-expiry"):
+            if task.get_name() in ("credit-sweeper", "lot-expiry", "credit-reviews"):
                 task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,6 +185,15 @@ class Sidecar:
                 await self.app.expiry.expire_due()
             except Exception:
                 log.exception("credit lot expiry failed")
+            await asyncio.sleep(interval_s)
+
+    async def _review_credit_lines(self) -> None:
+        interval_s = self.app.settings.credit_review_interval_ms / 1000
+        while True:
+            try:
+                await self.app.credit_reviews.run()
+            except Exception:
+                log.exception("credit line reviews failed")
             await asyncio.sleep(interval_s)
 
 

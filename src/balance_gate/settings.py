@@ -103,6 +103,31 @@ class Settings(BaseSettings):
         ge=100,
         description="How often expired, unconsumed credit lots are taken out of balances (O2).",
     )
+    credit_review_interval_ms: int = Field(
+        default=3_600_000,
+        ge=100,
+        description="How often credit lines are checked for due or triggered reviews (C3).",
+    )
+    credit_review_overdue_invoices: int = Field(
+        default=2, ge=1, description="Consecutive overdue invoices that open a review (C3)."
+    )
+    credit_review_surge_factor: float = Field(
+        default=3.0,
+        gt=1.0,
+        description="Yesterday's spend above this times the 30-day daily average opens a review.",
+    )
+    credit_review_high_cost_margin_pct: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description="A high-cost share this many points above the expected one opens a review.",
+    )
+    credit_review_auto_cut_pct: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Opening a review cuts the limit by this percentage (0: it does not).",
+    )
     stats_interval_ms: int = Field(
         default=2_000, ge=100, description="How often the flush lag and backlog gauges refresh."
     )

@@ -1125,3 +1125,166 @@ class GetCreditLineRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCreditLineRequest: _TypeAlias = GetCreditLineRequest  # noqa: Y015
+
+@_typing.final
+class CreditReview(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    OPENED_AT_FIELD_NUMBER: _builtins.int
+    LIMIT_BEFORE_MICROS_FIELD_NUMBER: _builtins.int
+    LIMIT_CUT_TO_MICROS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CLOSED_AT_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    NEW_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.int
+    account_id: _builtins.str
+    reason: _builtins.str
+    """scheduled, overdue_invoices, usage_surge, high_cost_share"""
+    detail: _builtins.str
+    limit_before_micros: _builtins.int
+    limit_cut_to_micros: _builtins.int
+    """Set when opening the review cut the limit at once."""
+    status: _builtins.str
+    """open, closed"""
+    decision: _builtins.str
+    new_limit_micros: _builtins.int
+    @_builtins.property
+    def opened_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def closed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.int = ...,
+        account_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        opened_at: _timestamp_pb2.Timestamp | None = ...,
+        limit_before_micros: _builtins.int = ...,
+        limit_cut_to_micros: _builtins.int | None = ...,
+        status: _builtins.str = ...,
+        closed_at: _timestamp_pb2.Timestamp | None = ...,
+        decision: _builtins.str = ...,
+        new_limit_micros: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit_cut_to_micros", b"_limit_cut_to_micros", "_new_limit_micros", b"_new_limit_micros", "closed_at", b"closed_at", "limit_cut_to_micros", b"limit_cut_to_micros", "new_limit_micros", b"new_limit_micros", "opened_at", b"opened_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit_cut_to_micros", b"_limit_cut_to_micros", "_new_limit_micros", b"_new_limit_micros", "account_id", b"account_id", "closed_at", b"closed_at", "decision", b"decision", "detail", b"detail", "limit_before_micros", b"limit_before_micros", "limit_cut_to_micros", b"limit_cut_to_micros", "new_limit_micros", b"new_limit_micros", "opened_at", b"opened_at", "reason", b"reason", "review_id", b"review_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__limit_cut_to_micros: _TypeAlias = _typing.Literal["limit_cut_to_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_cut_to_micros: _TypeAlias = _typing.Literal["_limit_cut_to_micros", b"_limit_cut_to_micros"]  # noqa: Y015
+    _WhichOneofReturnType__new_limit_micros: _TypeAlias = _typing.Literal["new_limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__new_limit_micros: _TypeAlias = _typing.Literal["_new_limit_micros", b"_new_limit_micros"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_cut_to_micros) -> _WhichOneofReturnType__limit_cut_to_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__new_limit_micros) -> _WhichOneofReturnType__new_limit_micros | None: ...
+
+Global___CreditReview: _TypeAlias = CreditReview  # noqa: Y015
+
+@_typing.final
+class ListCreditReviewsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditReviewsRequest: _TypeAlias = ListCreditReviewsRequest  # noqa: Y015
+
+@_typing.final
+class ListCreditReviewsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreditReview]: ...
+    def __init__(
+        self,
+        *,
+        reviews: _abc.Iterable[Global___CreditReview] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reviews", b"reviews"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCreditReviewsResponse: _TypeAlias = ListCreditReviewsResponse  # noqa: Y015
+
+@_typing.final
+class CloseCreditReviewRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVIEW_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    NEW_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    review_id: _builtins.int
+    decision: _builtins.str
+    """Required: what was decided and why."""
+    new_limit_micros: _builtins.int
+    """Unset: the limit stays as it is now."""
+    def __init__(
+        self,
+        *,
+        review_id: _builtins.int = ...,
+        decision: _builtins.str = ...,
+        new_limit_micros: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_new_limit_micros", b"_new_limit_micros", "new_limit_micros", b"new_limit_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_new_limit_micros", b"_new_limit_micros", "decision", b"decision", "new_limit_micros", b"new_limit_micros", "review_id", b"review_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__new_limit_micros: _TypeAlias = _typing.Literal["new_limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__new_limit_micros: _TypeAlias = _typing.Literal["_new_limit_micros", b"_new_limit_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__new_limit_micros) -> _WhichOneofReturnType__new_limit_micros | None: ...
+
+Global___CloseCreditReviewRequest: _TypeAlias = CloseCreditReviewRequest  # noqa: Y015
+
+@_typing.final
+class MarkInvoiceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    invoice_number: _builtins.int
+    def __init__(
+        self,
+        *,
+        invoice_number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoice_number", b"invoice_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoiceRequest: _TypeAlias = MarkInvoiceRequest  # noqa: Y015
+
+@_typing.final
+class MarkInvoiceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkInvoiceResponse: _TypeAlias = MarkInvoiceResponse  # noqa: Y015

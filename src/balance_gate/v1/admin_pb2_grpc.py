@@ -109,6 +109,26 @@ class AdminStub:
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.SerializeToString,
                 response_deserializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
                 _registered_method=True)
+        self.ListCreditReviews = channel.unary_unary(
+                '/balance_gate.v1.Admin/ListCreditReviews',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsResponse.FromString,
+                _registered_method=True)
+        self.CloseCreditReview = channel.unary_unary(
+                '/balance_gate.v1.Admin/CloseCreditReview',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.CloseCreditReviewRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.CreditReview.FromString,
+                _registered_method=True)
+        self.MarkInvoiceOverdue = channel.unary_unary(
+                '/balance_gate.v1.Admin/MarkInvoiceOverdue',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.FromString,
+                _registered_method=True)
+        self.MarkInvoicePaid = channel.unary_unary(
+                '/balance_gate.v1.Admin/MarkInvoicePaid',
+                request_serializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.SerializeToString,
+                response_deserializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.FromString,
+                _registered_method=True)
         self.ResolveAbuseAppeal = channel.unary_unary(
                 '/balance_gate.v1.Admin/ResolveAbuseAppeal',
                 request_serializer=balance__gate_dot_v1_dot_admin__pb2.ResolveAbuseAppealRequest.SerializeToString,
@@ -248,6 +268,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCreditReviews(self, request, context):
+        """C3: reviews, opened by a job when due or triggered; closed by an operator.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseCreditReview(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkInvoiceOverdue(self, request, context):
+        """Consecutive overdue invoices trigger a review (C3).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkInvoicePaid(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveAbuseAppeal(self, request, context):
         """Confirmed: every covered auto top-up is refunded for all its unconsumed
         credit and auto top-up is paused until resumed by hand.
@@ -359,6 +405,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetCreditLine,
                     request_deserializer=balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.FromString,
                     response_serializer=balance__gate_dot_v1_dot_admin__pb2.CreditLine.SerializeToString,
+            ),
+            'ListCreditReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCreditReviews,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsResponse.SerializeToString,
+            ),
+            'CloseCreditReview': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseCreditReview,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.CloseCreditReviewRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.CreditReview.SerializeToString,
+            ),
+            'MarkInvoiceOverdue': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkInvoiceOverdue,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.SerializeToString,
+            ),
+            'MarkInvoicePaid': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkInvoicePaid,
+                    request_deserializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.FromString,
+                    response_serializer=balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.SerializeToString,
             ),
             'ResolveAbuseAppeal': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveAbuseAppeal,
@@ -791,6 +857,114 @@ class Admin:
             '/balance_gate.v1.Admin/GetCreditLine',
             balance__gate_dot_v1_dot_admin__pb2.GetCreditLineRequest.SerializeToString,
             balance__gate_dot_v1_dot_admin__pb2.CreditLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCreditReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/ListCreditReviews',
+            balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.ListCreditReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseCreditReview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/CloseCreditReview',
+            balance__gate_dot_v1_dot_admin__pb2.CloseCreditReviewRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.CreditReview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkInvoiceOverdue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/MarkInvoiceOverdue',
+            balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkInvoicePaid(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/balance_gate.v1.Admin/MarkInvoicePaid',
+            balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceRequest.SerializeToString,
+            balance__gate_dot_v1_dot_admin__pb2.MarkInvoiceResponse.FromString,
             options,
             channel_credentials,
             insecure,

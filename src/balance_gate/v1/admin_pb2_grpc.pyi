@@ -73,6 +73,12 @@ class AdminStub:
     or replaces the account's line; a new line should start conservative.
     """
     GetCreditLine: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCreditLineRequest, _admin_pb2.CreditLine]
+    ListCreditReviews: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListCreditReviewsRequest, _admin_pb2.ListCreditReviewsResponse]
+    """C3: reviews, opened by a job when due or triggered; closed by an operator."""
+    CloseCreditReview: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CloseCreditReviewRequest, _admin_pb2.CreditReview]
+    MarkInvoiceOverdue: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MarkInvoiceRequest, _admin_pb2.MarkInvoiceResponse]
+    """Consecutive overdue invoices trigger a review (C3)."""
+    MarkInvoicePaid: _grpc.UnaryUnaryMultiCallable[_admin_pb2.MarkInvoiceRequest, _admin_pb2.MarkInvoiceResponse]
     ResolveAbuseAppeal: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]
     """Confirmed: every covered auto top-up is refunded for all its unconsumed
     credit and auto top-up is paused until resumed by hand.
@@ -127,6 +133,12 @@ class AdminAsyncStub(AdminStub):
     or replaces the account's line; a new line should start conservative.
     """
     GetCreditLine: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCreditLineRequest, _admin_pb2.CreditLine]  # type: ignore[assignment]
+    ListCreditReviews: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListCreditReviewsRequest, _admin_pb2.ListCreditReviewsResponse]  # type: ignore[assignment]
+    """C3: reviews, opened by a job when due or triggered; closed by an operator."""
+    CloseCreditReview: _aio.UnaryUnaryMultiCallable[_admin_pb2.CloseCreditReviewRequest, _admin_pb2.CreditReview]  # type: ignore[assignment]
+    MarkInvoiceOverdue: _aio.UnaryUnaryMultiCallable[_admin_pb2.MarkInvoiceRequest, _admin_pb2.MarkInvoiceResponse]  # type: ignore[assignment]
+    """Consecutive overdue invoices trigger a review (C3)."""
+    MarkInvoicePaid: _aio.UnaryUnaryMultiCallable[_admin_pb2.MarkInvoiceRequest, _admin_pb2.MarkInvoiceResponse]  # type: ignore[assignment]
     ResolveAbuseAppeal: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResolveAbuseAppealRequest, _admin_pb2.AbuseAppeal]  # type: ignore[assignment]
     """Confirmed: every covered auto top-up is refunded for all its unconsumed
     credit and auto top-up is paused until resumed by hand.
@@ -268,6 +280,36 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetCreditLineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CreditLine, _abc.Awaitable[_admin_pb2.CreditLine]]: ...
+
+    @_abc_1.abstractmethod
+    def ListCreditReviews(
+        self,
+        request: _admin_pb2.ListCreditReviewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListCreditReviewsResponse, _abc.Awaitable[_admin_pb2.ListCreditReviewsResponse]]:
+        """C3: reviews, opened by a job when due or triggered; closed by an operator."""
+
+    @_abc_1.abstractmethod
+    def CloseCreditReview(
+        self,
+        request: _admin_pb2.CloseCreditReviewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreditReview, _abc.Awaitable[_admin_pb2.CreditReview]]: ...
+
+    @_abc_1.abstractmethod
+    def MarkInvoiceOverdue(
+        self,
+        request: _admin_pb2.MarkInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MarkInvoiceResponse, _abc.Awaitable[_admin_pb2.MarkInvoiceResponse]]:
+        """Consecutive overdue invoices trigger a review (C3)."""
+
+    @_abc_1.abstractmethod
+    def MarkInvoicePaid(
+        self,
+        request: _admin_pb2.MarkInvoiceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.MarkInvoiceResponse, _abc.Awaitable[_admin_pb2.MarkInvoiceResponse]]: ...
 
     @_abc_1.abstractmethod
     def ResolveAbuseAppeal(
