@@ -38,6 +38,11 @@ class AccountView:
     unflushed_usage_micros: int
     created_at: dt.datetime
 
+    @property
+    def credit_used_micros(self) -> int:
+        """O3, C1: how far the balance is below zero, paid by the next top-up first."""
+        return max(0, -self.balance_micros)
+
 
 class NotFoundCache:
     """Remembers unknown account ids briefly, so a flood of them cannot reach Postgres."""

@@ -250,6 +250,7 @@ def _account(view: AccountView) -> admin_pb2.Account:
         credited_micros=view.credited_micros,
         used_micros=view.used_micros,
         unflushed_usage_micros=view.unflushed_usage_micros,
+        credit_used_micros=view.credit_used_micros,
     )
 
 

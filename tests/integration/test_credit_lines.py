@@ -12,7 +12,7 @@ from balance_gate.credit_lines import CreditLine
 from balance_gate.errors import InvalidArgument, NotFound
 from balance_gate.v1 import admin_pb2
 from tests.conftest import RunningGate
-from tests.helpers import USD, fund, rid
+from tests.helpers import USD, authorize_request, fund, rid
 
 CENT = 10_000
 
@@ -150,3 +150,17 @@ async def test_c4_leases_stay_out_of_the_stop_loss_zone(app: App) -> None:
     grant = await app.hot.lease_take("holder", "c4-lease", 10 * USD, 1, 5_000)
     # Free above the stop-loss point (-$1) is $2: a lease gets at most half of it.
     assert grant.granted_micros == 1 * USD
+
+
+async def test_o3_get_account_shows_the_credit_used(running: RunningGate) -> None:
+    admin = running.admin
+    await admin.CreateAccount(admin_pb2.CreateAccountRequest(account_id="o3-used"))
+    await admin.SetCreditLine(
+        admin_pb2.CreditLine(account_id="o3-used", limit_micros=3 * USD, review_every_days=30)
+    )
+    request = admin_pb2.GetAccountRequest(account_id="o3-used")
+    assert (await admin.GetAccount(request)).credit_used_micros == 0
+    allowed = await running.gate.Authorize(authorize_request("o3-used", 2 * USD))
+    assert allowed.allowed
+    account = await admin.GetAccount(request)
+    assert (account.balance_micros, account.credit_used_micros) == (-2 * USD, 2 * USD)

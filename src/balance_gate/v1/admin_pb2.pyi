@@ -74,6 +74,7 @@ class Account(_message.Message):
     PRIMARY_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
     BACKUP_PAYMENT_METHOD_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
+    CREDIT_USED_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     currency: _builtins.str
     """The account's default currency (ISO 4217): it prices top-ups and
@@ -92,6 +93,10 @@ class Account(_message.Message):
     backup_payment_method: _builtins.str
     time_zone: _builtins.str
     """IANA time zone of the account's day (daily caps, invoices' month)."""
+    credit_used_micros: _builtins.int
+    """How far the balance is below zero (O3; a credit line's usage, C1): the
+    next top-up pays it off first.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -111,10 +116,11 @@ class Account(_message.Message):
         primary_payment_method: _builtins.str = ...,
         backup_payment_method: _builtins.str = ...,
         time_zone: _builtins.str = ...,
+        credit_used_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_top_up", b"auto_top_up", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_top_up", b"auto_top_up", "backup_payment_method", b"backup_payment_method", "balance_micros", b"balance_micros", "created_at", b"created_at", "credited_micros", b"credited_micros", "currency", b"currency", "primary_payment_method", b"primary_payment_method", "status", b"status", "time_zone", b"time_zone", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "auto_top_up", b"auto_top_up", "backup_payment_method", b"backup_payment_method", "balance_micros", b"balance_micros", "created_at", b"created_at", "credit_used_micros", b"credit_used_micros", "credited_micros", b"credited_micros", "currency", b"currency", "primary_payment_method", b"primary_payment_method", "status", b"status", "time_zone", b"time_zone", "unflushed_usage_micros", b"unflushed_usage_micros", "used_micros", b"used_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
