@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 import uuid
 
+import grpc
+
 from balance_gate.app import App
+from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2
 
 USD = 1_000_000  # micros
@@ -66,3 +71,35 @@ async def ledger_balance(app: App, account_id: str) -> int:
     row = await app.pg.get_account(account_id)
     assert row is not None
     return row.ledger_balance_micros
+
+
+def sidecar_env(
+    settings: Settings, ports: dict[str, int] | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment of a `python -m balance_gate ...` child on this test's servers.
+
+    Same Redis, database and key prefix as `settings`; with `ports` ("gate",
+    "admin", "metrics") it listens there; `extra` are further settings by field name.
+    """
+    env = {
+        **os.environ,
+        "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
+        "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
+        "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+    }
+    for name, port in (ports or {}).items():
+        env[f"BALANCE_GATE_{name.upper()}_LISTEN"] = f"127.0.0.1:{port}"
+    env.update({f"BALANCE_GATE_{name.upper()}": value for name, value in extra.items()})
+    return env
+
+
+async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -> None:
+    """Wait until a sidecar started as `process` answers on `channel` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "the sidecar exited during start-up"
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 1)
+            return
+        except TimeoutError:
+            assert time.monotonic() < deadline, "the sidecar did not start"

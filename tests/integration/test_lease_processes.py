@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,14 @@ from balance_gate.app import App
 from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
-from tests.helpers import USD, fund_over_grpc, ledger_balance, wait_until_flushed
+from tests.helpers import (
+    USD,
+    fund_over_grpc,
+    ledger_balance,
+    sidecar_env,
+    wait_serving,
+    wait_until_flushed,
+)
 
 CENT = 10_000
 LEASE_TTL_MS = 1_500
@@ -54,24 +60,19 @@ class Process:
 
 def _start(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     ports = {"gate": free_port(), "admin": free_port(), "metrics": free_port()}
-    env = {
-        **os.environ,
-        "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
-        "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
-        "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
-        "BALANCE_GATE_GATE_LISTEN": f"127.0.0.1:{ports['gate']}",
-        "BALANCE_GATE_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
-        "BALANCE_GATE_METRICS_LISTEN": f"127.0.0.1:{ports['metrics']}",
-        "BALANCE_GATE_FLUSH_INTERVAL_MS": "5",
+    env = sidecar_env(
+        settings,
+        ports,
+        flush_interval_ms="5",
         # The killed sidecar's unacknowledged usage is taken over soon.
-        "BALANCE_GATE_FLUSH_CLAIM_IDLE_MS": "300",
-        "BALANCE_GATE_LEASE_ACCOUNTS": "*",
-        "BALANCE_GATE_LEASE_MIN_RATE": "5",
-        "BALANCE_GATE_LEASE_REPORT_INTERVAL_MS": "5",
-        "BALANCE_GATE_LEASE_TTL_MS": str(LEASE_TTL_MS),
-        "BALANCE_GATE_LEASE_RECALL_WAIT_MS": "2000",
-        "BALANCE_GATE_LEASE_IDLE_MS": "30000",  # held through the whole test
-    }
+        flush_claim_idle_ms="300",
+        lease_accounts="*",
+        lease_min_rate="5",
+        lease_report_interval_ms="5",
+        lease_ttl_ms=str(LEASE_TTL_MS),
+        lease_recall_wait_ms="2000",
+        lease_idle_ms="30000",  # held through the whole test
+    )
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "balance_gate", "serve"],
@@ -100,14 +101,7 @@ async def three(settings: Settings, tmp_path: Path) -> AsyncIterator[list[Proces
                 )
             )
         for one in processes:
-            deadline = time.monotonic() + 60
-            while True:
-                assert one.process.poll() is None, "a sidecar exited during start-up"
-                try:
-                    await asyncio.wait_for(one.channel.channel_ready(), 1)
-                    break
-                except TimeoutError:
-                    assert time.monotonic() < deadline
+            await wait_serving(one.channel, one.process)
         yield processes
     finally:
         for one in processes:

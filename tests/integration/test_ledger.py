@@ -8,7 +8,6 @@ and once everything is flushed, hot balance == ledger balance.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from tests.helpers import (
     fund_over_grpc,
     ledger_balance,
     rid,
+    sidecar_env,
     wait_until_flushed,
 )
 
@@ -232,12 +232,7 @@ async def test_load_counts_a_credit_not_yet_applied_and_it_is_never_applied_agai
 async def test_rebuild_command_line(settings: Settings, app: App) -> None:
     await fund(app, "cli", USD)
     await app.gate.authorize("cli", rid(), 250_000, "")
-    env = {
-        **os.environ,
-        "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
-        "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
-        "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
-    }
+    env = sidecar_env(settings)
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "balance_gate", "rebuild"],

@@ -6,13 +6,12 @@ import asyncio
 import csv
 import datetime as dt
 import io
-import os
 import subprocess
 import sys
 
 from balance_gate.app import App
 from balance_gate.settings import Settings
-from tests.helpers import USD, rid
+from tests.helpers import USD, rid, sidecar_env
 
 
 async def _a_month_of_lots(app: App, account_id: str) -> str:
@@ -49,12 +48,7 @@ async def test_p15_monthly_report_has_lots_refunds_and_credit_notes(app: App) ->
 async def test_p15_report_command_writes_every_account_as_csv(app: App, settings: Settings) -> None:
     month = await _a_month_of_lots(app, "p15-csv")
     await app.accounts.create("p15-quiet", "USD")
-    env = {
-        **os.environ,
-        "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
-        "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
-        "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
-    }
+    env = sidecar_env(settings)
     done = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "balance_gate", "report", "--month", month, "--format", "csv"],

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2_grpc
-from tests.helpers import USD, authorize_request, fund_over_grpc
+from tests.helpers import USD, authorize_request, fund_over_grpc, sidecar_env, wait_serving
 
 CONNECTIONS = 24  # the chance that all of them land on one of two workers is 2**-23
 
@@ -30,16 +28,7 @@ def two_workers(
     settings: Settings, tmp_path: Path
 ) -> Iterator[tuple[dict[str, int], subprocess.Popen[bytes]]]:
     ports = {"gate": free_port(), "admin": free_port(), "metrics": free_port()}
-    env = {
-        **os.environ,
-        "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
-        "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
-        "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
-        "BALANCE_GATE_GATE_LISTEN": f"127.0.0.1:{ports['gate']}",
-        "BALANCE_GATE_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
-        "BALANCE_GATE_METRICS_LISTEN": f"127.0.0.1:{ports['metrics']}",
-        "BALANCE_GATE_FLUSH_INTERVAL_MS": "5",
-    }
+    env = sidecar_env(settings, ports, flush_interval_ms="5")
     log = (tmp_path / "gate.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "balance_gate", "serve", "--workers", "2"],
@@ -62,17 +51,6 @@ def _authorize_count(metrics_port: int) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-async def _ready(channel: grpc.aio.Channel, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, "the sidecar exited during start-up"
-        try:
-            await asyncio.wait_for(channel.channel_ready(), 1)
-            return
-        except TimeoutError:
-            assert time.monotonic() < deadline, "the sidecar did not start"
-
-
 async def test_two_workers_serve_one_port_and_debit_exactly(
     two_workers: tuple[dict[str, int], subprocess.Popen[bytes]],
 ) -> None:
@@ -85,7 +63,7 @@ async def test_two_workers_serve_one_port_and_debit_exactly(
         for _ in range(CONNECTIONS)
     ]
     try:
-        await _ready(admin_channel, process)
+        await wait_serving(admin_channel, process)
         admin = admin_pb2_grpc.AdminStub(admin_channel)
         await fund_over_grpc(admin, "shared", 10 * USD)
         stubs = [gate_pb2_grpc.BalanceGateStub(channel) for channel in channels]
