@@ -27,19 +27,6 @@ def shard_of(account_id: str) -> int:
     return zlib.crc32(account_id.encode("utf-8")) % SHARD_COUNT
 
 
-@functools.lru_cache(maxsize=65_536)
-def _hot_keys(prefix: str, account_id: str) -> HotKeys:
-    tag = f"{prefix}:{{{shard_of(account_id)}}}"
-    return HotKeys(
-        account=f"{tag}:acct:{account_id}",
-        request_prefix=f"{tag}:req:{len(account_id)}:{account_id}:",
-        usage_stream=f"{tag}:usage",
-        top_up_flag=f"{tag}:topup:{account_id}",
-        top_up_stream=f"{tag}:topups",
-        leases=f"{tag}:lease:{account_id}",
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class HotKeys:
     """The keys the hot path touches for one account, built once per account."""
@@ -68,7 +55,7 @@ class Keys:
     prefix: str
 
     def hot(self, account_id: str) -> HotKeys:
-        return _hot_keys(self.prefix, account_id)
+        return _hot_keys(self, account_id)
 
     def shard_tag(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}"
@@ -84,6 +71,9 @@ class Keys:
 
     def credit_marker(self, account_id: str, credit_id: int) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:credit:{credit_id}"
+
+    def leases(self, account_id: str) -> str:
+        return f"{self.prefix}:{{{shard_of(account_id)}}}:lease:{account_id}"
 
     def take_marker(self, account_id: str, marker: str) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:take:{marker}"
@@ -106,6 +96,20 @@ class Keys:
     def account_pattern(self) -> str:
         """SCAN pattern matching every account hash."""
         return f"{self.prefix}:{{*}}:acct:*"
+
+
+@functools.lru_cache(maxsize=65_536)
+def _hot_keys(keys: Keys, account_id: str) -> HotKeys:
+    """Keys.hot: the same names as the methods give, built once per account."""
+    shard = shard_of(account_id)
+    return HotKeys(
+        account=keys.account(account_id),
+        request_prefix=keys.request(account_id, ""),
+        usage_stream=keys.usage_stream(shard),
+        top_up_flag=keys.top_up_flag(account_id),
+        top_up_stream=keys.top_up_stream(shard),
+        leases=keys.leases(account_id),
+    )
 
 
 def credit_line_fields(

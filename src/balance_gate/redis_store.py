@@ -35,17 +35,13 @@ _KIND = {b"a": "authorize", b"s": "settle"}
 _NEEDS_LEASE_LIB = frozenset({"authorize", "lease_take", "lease_report"})
 
 
-def _lua(name: str) -> str:
+def script_source(name: str) -> str:
+    """The exact source Redis runs for a script (make bench loads it too)."""
     lua = resources.files("balance_gate").joinpath("lua")
     source = lua.joinpath(f"{name}.lua").read_text("utf-8")
     if name in _NEEDS_LEASE_LIB:
         source = lua.joinpath("lib", "leases.lua").read_text("utf-8") + "\n" + source
     return source
-
-
-def script_source(name: str) -> str:
-    """The exact source Redis runs for a script (make bench loads it too)."""
-    return _lua(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +200,15 @@ class RedisStore:
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
         self._trigger_ttl = str(trigger_ttl_seconds)
-        self._authorize = ScriptBatcher(client, _lua("authorize"), batch_max)
-        self._settle = ScriptBatcher(client, _lua("settle"), batch_max)
-        self._apply_credit: AsyncScript = client.register_script(_lua("apply_credit"))
-        self._sync: AsyncScript = client.register_script(_lua("sync_account"))
-        self._ack = ScriptBatcher(client, _lua("ack_usage"), batch_max)
-        self._set_fields: AsyncScript = client.register_script(_lua("set_fields"))
-        self._lot_take: AsyncScript = client.register_script(_lua("lot_take"))
-        self._lease_take = ScriptBatcher(client, _lua("lease_take"), batch_max)
-        self._lease_report = ScriptBatcher(client, _lua("lease_report"), batch_max)
+        self._authorize = ScriptBatcher(client, script_source("authorize"), batch_max)
+        self._settle = ScriptBatcher(client, script_source("settle"), batch_max)
+        self._apply_credit: AsyncScript = client.register_script(script_source("apply_credit"))
+        self._sync: AsyncScript = client.register_script(script_source("sync_account"))
+        self._ack = ScriptBatcher(client, script_source("ack_usage"), batch_max)
+        self._set_fields: AsyncScript = client.register_script(script_source("set_fields"))
+        self._lot_take: AsyncScript = client.register_script(script_source("lot_take"))
+        self._lease_take = ScriptBatcher(client, script_source("lease_take"), batch_max)
+        self._lease_report = ScriptBatcher(client, script_source("lease_report"), batch_max)
 
     # --- the hot path -----------------------------------------------------
 
