@@ -15,7 +15,7 @@ import asyncpg
 from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
 from balance_gate.keys import shard_of
-from balance_gate.postgres_store import Connection, PostgresStore
+from balance_gate.postgres_store import Connection, CreditRow, PostgresStore
 from balance_gate.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,40 @@ async def lot_position(
     )
 
 
+_TAKEN_PART = {"refund": "refunded_micros", "expiry": "expired_micros"}
+
+
+async def book_take(
+    pg: PostgresStore,
+    conn: Connection,
+    lot: LotPosition,
+    kind: str,
+    taken_micros: int,
+    reason: str,
+    idempotency_key: str,
+) -> CreditRow:
+    """Book what lua/lot_take.lua took out of the balance, in the caller's transaction.
+
+    A credit of `kind` ("refund" or "expiry") for minus the amount, already in
+    Redis, and the lot's refunded or expired part grows by it.
+    """
+    credit = await pg.record_credit(
+        conn,
+        lot.account_id,
+        -taken_micros,
+        reason,
+        idempotency_key,
+        MAX_SAFE_MICROS,
+        kind=kind,
+        hot_applied=True,  # lot_take.lua already took it out of Redis
+    )
+    part = _TAKEN_PART[kind]
+    await conn.execute(
+        f"UPDATE credit_lots SET {part} = {part} + $2 WHERE lot_id = $1", lot.lot_id, taken_micros
+    )
+    return credit
+
+
 class LotExpiry:
     """Takes expired, unconsumed credit out of the balance (O2), safe on every sidecar."""
 
@@ -109,20 +143,14 @@ class LotExpiry:
             )
             if result.code == ScriptCode.NOT_LOADED or result.value == 0:
                 return 0  # what is open is still being burnt by unflushed usage
-            await self._pg.record_credit(
+            await book_take(
+                self._pg,
                 conn,
-                account_id,
-                -result.value,
+                lot,
+                "expiry",
+                result.value,
                 f"credit lot {lot_id} expired",
                 f"balance-gate-{marker}",
-                MAX_SAFE_MICROS,
-                kind="expiry",
-                hot_applied=True,  # lot_take.lua took it out of Redis
-            )
-            await conn.execute(
-                "UPDATE credit_lots SET expired_micros = expired_micros + $2 WHERE lot_id = $1",
-                lot_id,
-                result.value,
             )
         log.info("expired %d micros of lot %d (%s)", result.value, lot_id, account_id)
         return result.value

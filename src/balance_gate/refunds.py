@@ -28,7 +28,7 @@ from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
 from balance_gate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from balance_gate.keys import shard_of
-from balance_gate.lots import lot_position
+from balance_gate.lots import LotPosition, book_take, lot_position
 from balance_gate.payments import GatewayRejected, GatewayUnavailable, PaymentGateway
 from balance_gate.postgres_store import Connection, PostgresStore
 from balance_gate.redis_store import RedisStore
@@ -184,11 +184,17 @@ class Refunds:
             )
             if taken.code == ScriptCode.NOT_LOADED:
                 raise Unavailable("account state is being rebuilt; retry the refund")
-            await self._book(conn, top_up, refund, taken.value, reason)
+            await self._book(conn, top_up, lot, refund, taken.value, reason)
         return await self.get(refund.refund_id)
 
     async def _book(
-        self, conn: Connection, top_up: _TopUp, refund: RefundRow, taken: int, reason: str
+        self,
+        conn: Connection,
+        top_up: _TopUp,
+        lot: LotPosition,
+        refund: RefundRow,
+        taken: int,
+        reason: str,
     ) -> None:
         if taken == 0:  # nothing left to refund: done, with nothing to pay back
             await conn.execute(
@@ -197,20 +203,14 @@ class Refunds:
                 refund.refund_id,
             )
             return
-        credit = await self._pg.record_credit(
+        credit = await book_take(
+            self._pg,
             conn,
-            top_up.account_id,
-            -taken,
+            lot,
+            "refund",
+            taken,
             f"refund of top-up {top_up.top_up_id}: {reason}",
             f"balance-gate-refund-{refund.refund_id}",
-            MAX_SAFE_MICROS,
-            kind="refund",
-            hot_applied=True,  # lot_take.lua already took it out of Redis
-        )
-        await conn.execute(
-            "UPDATE credit_lots SET refunded_micros = refunded_micros + $2 WHERE credit_id = $1",
-            top_up.credit_id,
-            taken,
         )
         await conn.execute(
             """UPDATE refunds SET status = 'pending', refunded_micros = $2, credit_id = $3
