@@ -14,9 +14,12 @@ STAMP := $(VENV)/.installed
 run: venv
 	$(BIN)/balance-gate dev
 
-# Lint, type-check, then every test against real servers the fixtures start.
+# Lint, type-check, then every test against real servers the fixtures start;
+# then the core suite again against a 3-master Redis Cluster.
+CLUSTER_TESTS ?= tests/integration tests/property
 test: venv lint
 	$(BIN)/pytest
+	BALANCE_GATE_TEST_REDIS=cluster $(BIN)/pytest -q $(CLUSTER_TESTS)
 
 # The gate against a no-op gRPC server and redis-benchmark, in one run (a few
 # minutes; never part of `make test`, which runs a 20-second smoke of it).

@@ -14,34 +14,50 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from balance_gate import migrations
 from balance_gate.app import App
-from balance_gate.devservers import PostgresServer, RedisServer, free_port
+from balance_gate.devservers import PostgresServer, RedisClusterServers, RedisServer, free_port
 from balance_gate.server import Listening, Sidecar
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2_grpc, gate_pb2_grpc
 
 TEMPLATE_DB = "bg_template"
 _counter = itertools.count(1)
+# BALANCE_GATE_TEST_REDIS=cluster runs the tests against a 3-master Redis Cluster
+# (`make test` does so for the core suite: Makefile, CLUSTER_TESTS).
+CLUSTER = os.environ.get("BALANCE_GATE_TEST_REDIS") == "cluster"
 
 
 @dataclass(frozen=True)
 class Servers:
-    redis: RedisServer
+    redis: RedisServer | RedisClusterServers
     postgres: PostgresServer
+
+    @property
+    def standalone_redis(self) -> RedisServer:
+        """For tests that need one server (they are not in the cluster suite)."""
+        if not isinstance(self.redis, RedisServer):
+            pytest.skip("needs a standalone Redis")
+        return self.redis
 
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     root = Path(tempfile.mkdtemp(prefix="balance-gate-test-"))
     root.chmod(0o755)  # postgres may run as `nobody` and must reach its directory
-    redis = RedisServer(root / "redis", free_port(), durable=False)
+    redis: RedisServer | RedisClusterServers = (
+        RedisClusterServers(root / "redis")
+        if CLUSTER
+        else RedisServer(root / "redis", free_port(), durable=False)
+    )
     postgres = PostgresServer(root / "postgres", free_port(), durable=False)
     redis.start()
     try:
@@ -83,6 +99,7 @@ async def settings(servers: Servers, template_database: str) -> Settings:
         redis_url=servers.redis.url,  # type: ignore[arg-type]
         database_url=dsn,  # type: ignore[arg-type]
         redis_key_prefix=f"t{n}",
+        redis_cluster=CLUSTER,
         gate_listen="127.0.0.1:0",
         admin_listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0",
@@ -138,7 +155,11 @@ async def running(settings: Settings) -> AsyncIterator[RunningGate]:
 
 @pytest.fixture
 async def redis_client(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(servers.redis.url)
+    client = (
+        cast(aioredis.Redis, RedisCluster.from_url(servers.redis.url))
+        if CLUSTER
+        else aioredis.Redis.from_url(servers.redis.url)
+    )
     try:
         yield client
     finally:

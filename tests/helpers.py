@@ -86,6 +86,7 @@ def sidecar_env(
         "BALANCE_GATE_REDIS_URL": settings.redis_url.get_secret_value(),
         "BALANCE_GATE_DATABASE_URL": settings.database_url.get_secret_value(),
         "BALANCE_GATE_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+        "BALANCE_GATE_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
     }
     for name, port in (ports or {}).items():
         env[f"BALANCE_GATE_{name.upper()}_LISTEN"] = f"127.0.0.1:{port}"

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from balance_gate import migrations
 from balance_gate.accounts import Accounts
 from balance_gate.appeals import Appeals
+from balance_gate.breaker import CircuitBreaker
 from balance_gate.credit_lines import CreditLines
 from balance_gate.credit_reviews import CreditReviews, ReviewRules
 from balance_gate.emails import EmailSender, SmtpConfig
@@ -19,27 +20,16 @@ from balance_gate.gate import Gate
 from balance_gate.http_gateway import HttpGateway
 from balance_gate.leases import LeaseConfig, LeaseManager
 from balance_gate.lots import LotExpiry
+from balance_gate.outage import OutageJournal
 from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
+from balance_gate.redis_client import is_cluster, redis_client
 from balance_gate.redis_store import RedisStore
 from balance_gate.refunds import Refunds
 from balance_gate.settings import Settings
 from balance_gate.top_up_store import TopUpStore
 from balance_gate.top_up_worker import TopUpWorker
 from balance_gate.topups import TopUps
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    timeout_s = settings.redis_timeout_ms / 1000
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url.get_secret_value(),
-        max_connections=settings.redis_max_connections,
-        # Waiting for a free connection counts against the same budget.
-        timeout=timeout_s,
-        socket_timeout=timeout_s + settings.flush_block_ms / 1000,
-        socket_connect_timeout=timeout_s,
-    )
-    return aioredis.Redis(connection_pool=pool)
 
 
 def payment_gateway(settings: Settings, pool: asyncpg.Pool) -> PaymentGateway:
@@ -87,6 +77,10 @@ async def postgres_pool(settings: Settings) -> asyncpg.Pool:
         min_size=1,
         max_size=settings.database_pool_size,
         server_settings={"application_name": "balance-gate"},
+        # A Postgres that went away must fail calls, not hang them: the flusher
+        # and the top-up worker retry, and Authorize never waits on Postgres.
+        timeout=settings.database_timeout_ms / 1000,
+        command_timeout=settings.database_timeout_ms / 1000,
     )
     assert pool is not None
     return pool
@@ -125,6 +119,8 @@ class App:
             settings.request_ttl_seconds,
             settings.top_up_trigger_ttl_ms // 1000,
             settings.redis_batch_max,
+            call_timeout_s=settings.redis_call_timeout_ms / 1000,
+            backlog_max=settings.usage_backlog_max,
         )
         pg = PostgresStore(pool)
         accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
@@ -133,6 +129,14 @@ class App:
             hot,
             accounts,
             settings.max_request_micros,
+            CircuitBreaker(settings.breaker_failures, settings.breaker_open_ms / 1000),
+            OutageJournal(
+                hot,
+                settings.redis_fail_mode,
+                settings.fail_open_budget_micros,
+                settings.fail_open_max_requests,
+                holder=f"outage-{consumer_name()}",
+            ),
             leases,
             recall_wait_s=settings.lease_recall_wait_ms / 1000,
             recall_poll_s=settings.lease_report_interval_ms / 1000,
@@ -188,8 +192,11 @@ class App:
         )
 
     async def close(self) -> None:
-        # We built the pool, so closing the client must close it too.
-        await self.redis.aclose(close_connection_pool=True)
+        if is_cluster(self.redis):
+            await self.redis.aclose()
+        else:
+            # We built the pool, so closing the client must close it too.
+            await self.redis.aclose(close_connection_pool=True)
         if isinstance(self.topups.gateway, HttpGateway):
             await self.topups.gateway.close()
         await self.pool.close()

@@ -1,4 +1,4 @@
-"""Command line: `balance-gate serve | migrate | rebuild | dev`."""
+"""Command line: `balance-gate serve | migrate | rebuild | audit | fx | report | dev`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,28 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
+    """Exit 1 when any hot balance differs from the ledger."""
+    from balance_gate.app import App
+    from balance_gate.audit import audit_all, format_report
+
+    differences = 0
+
+    async def audit() -> None:
+        nonlocal differences
+        app = await App.open(settings, migrate=False)
+        try:
+            await app.hot.ensure_usage_groups()
+            report = await audit_all(app.pg, app.hot, app.flusher)
+        finally:
+            await app.close()
+        print("\n".join(format_report(report)))
+        differences = len(report.differences)
+
+    _run(audit())
+    return 1 if differences else 0
+
+
 def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:
     from balance_gate.app import postgres_pool
     from balance_gate.fx import FxRates
@@ -139,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "rebuild", help="reconcile every hot balance in Redis with the Postgres ledger"
     ).set_defaults(func=cmd_rebuild)
+    commands.add_parser(
+        "audit", help="compare every hot balance with the Postgres ledger (exit 1 on a difference)"
+    ).set_defaults(func=cmd_audit)
     fx = commands.add_parser("fx", help="FX rates (P6)").add_subparsers(dest="fx", required=True)
     load = fx.add_parser("load", help="load daily rates from a CSV: date,base,quote,rate")
     load.add_argument("file")

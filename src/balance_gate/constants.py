@@ -54,6 +54,7 @@ class ScriptCode:
     LEASED: Final = 10
     CAPABILITY_BLOCKED: Final = 11
     RATE_LIMITED: Final = 12
+    BACKLOG_FULL: Final = 13
 
 
 class DenyCode:
@@ -66,3 +67,6 @@ class DenyCode:
     # point, or more requests per second than the stop-loss allows.
     CAPABILITY_BLOCKED: Final = "capability_blocked"
     RATE_LIMITED: Final = "rate_limited"
+    # Redis did not answer in time (fail_closed), a fail_open budget is spent, or
+    # usage cannot be recorded (Postgres away too long): docs/reliability.md.
+    UNAVAILABLE: Final = "unavailable"

@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 _UNPRIVILEGED_USER = "nobody"
@@ -103,10 +103,13 @@ def _stop(process: subprocess.Popen[bytes] | None, signum: int) -> None:
 
 
 class RedisServer:
-    def __init__(self, data_dir: Path, port: int, *, durable: bool) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, *, durable: bool, extra_args: Sequence[str] = ()
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.durable = durable
+        self.extra_args = tuple(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -134,6 +137,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "yes" if self.durable else "no",
             "--appendfsync", "everysec",
+            *self.extra_args,
         ]  # fmt: skip
         self._process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
@@ -150,6 +154,63 @@ class RedisServer:
 
     def stop(self) -> None:
         _stop(self._process, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; with AOF on, what was not yet fsynced is lost."""
+        _stop(self._process, signal.SIGKILL)
+
+
+_CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+
+
+_CLUSTER_ARGS = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+
+
+class RedisClusterServers:
+    """A Redis Cluster of `size` masters (no replicas) on consecutive free ports."""
+
+    def __init__(self, data_dir: Path, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                data_dir / f"node{i}",
+                free_port(),
+                durable=False,
+                # The bus port defaults to port + 10000: too high for ephemeral ports.
+                extra_args=(*_CLUSTER_ARGS, "--cluster-port", str(free_port())),
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or "redis-cli"
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not all(self._state_ok(cli, node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _state_ok(cli: str, port: int) -> bool:
+        info = subprocess.run(
+            [cli, "-p", str(port), "CLUSTER", "INFO"], capture_output=True, text=True
+        ).stdout
+        return "cluster_state:ok" in info
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 class PostgresServer:

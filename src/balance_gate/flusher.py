@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 2.0
 
 
-def _streams_lost(exc: ResponseError) -> bool:
+def streams_lost(exc: ResponseError) -> bool:
     """NOGROUP: a stream or its group is missing. UNBLOCKED: a stream we were
-    blocked on was deleted. Both mean Redis lost its state: recreate the groups."""
+    blocked on was deleted. Both mean Redis lost its state: recreate the groups.
+    (In a pipeline, redis-py puts the reply after "Command # n (...) caused error:".)"""
     message = str(exc)
-    return message.startswith(("NOGROUP", "UNBLOCKED"))
+    return "NOGROUP" in message or "UNBLOCKED" in message
 
 
 def consumer_name() -> str:
@@ -63,6 +64,8 @@ class UsageFlusher:
         self._claim_idle_ms = claim_idle_ms
         self._stats_interval_s = stats_interval_ms / 1000
         self.consumer = consumer_name()
+        # After a failed flush, this consumer's read-but-unrecorded entries go first.
+        self._own_pending = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop` is set, then drain what is left and return."""
@@ -89,19 +92,25 @@ class UsageFlusher:
                     next_stats = now + self._stats_interval_s
                 backoff_s = 0.05
             except ResponseError as exc:
-                if _streams_lost(exc):
+                if streams_lost(exc):
                     log.warning("usage streams or groups are gone (Redis flushed?); recreating")
                     groups_ready = False
                     continue
                 # Unexpected, but the flusher must outlive any one reply.
                 metrics.REDIS_ERRORS.labels("flusher").inc()
                 backoff_s = await self._back_off(stop, backoff_s, "Redis", exc)
-            except (RedisError, OSError) as exc:
+            except RedisError as exc:
                 metrics.REDIS_ERRORS.labels("flusher").inc()
                 backoff_s = await self._back_off(stop, backoff_s, "Redis", exc)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                # OSError: a refused or reset connection, or a timeout; redis-py wraps
+                # its own in RedisError, so these come from Postgres.
                 metrics.POSTGRES_ERRORS.labels("flusher").inc()
                 backoff_s = await self._back_off(stop, backoff_s, "Postgres", exc)
+            except Exception as exc:
+                # Usage must keep flowing whatever one batch met: log it and go on.
+                log.exception("usage flush failed unexpectedly")
+                backoff_s = await self._back_off(stop, backoff_s, "unexpected", exc)
         try:
             await self.drain()
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -130,11 +139,19 @@ class UsageFlusher:
     async def flush_once(self, block_ms: int | None) -> int:
         # COUNT applies per stream: a backlog over many shards can return up to
         # SHARD_COUNT * batch_size entries, so Postgres gets them in chunks.
-        entries = await self._hot.read_usage(self.consumer, self._batch_size, block_ms)
+        own_pending = self._own_pending
+        entries = await self._hot.read_usage(
+            self.consumer, self._batch_size, block_ms, own_pending=own_pending
+        )
+        if own_pending and not entries:
+            self._own_pending = False
+            return await self.flush_once(block_ms)
+        self._own_pending = True  # until recorded: a failure below leaves them pending
         for start in range(0, len(entries), self._batch_size):
             chunk = entries[start : start + self._batch_size]
             async with self._pg.shard_lock({e.shard for e in chunk}, exclusive=False) as conn:
                 await self._record(conn, chunk)
+        self._own_pending = own_pending  # still draining our pending ones, or done
         return len(entries)
 
     async def claim_stale(self) -> int:

@@ -7,16 +7,23 @@ are raised as balance_gate.errors and mapped to gRPC codes by grpc_api.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from balance_gate import metrics
 from balance_gate.accounts import Accounts
+from balance_gate.breaker import CircuitBreaker
 from balance_gate.constants import DenyCode, ScriptCode
 from balance_gate.errors import FailedPrecondition, NotFound, Unavailable
 from balance_gate.leases import LeaseManager
-from balance_gate.redis_store import RedisStore, ScriptResult
+from balance_gate.outage import OutageJournal
+from balance_gate.redis_store import HotUnavailable, RedisStore, ScriptResult
 from balance_gate.validation import check_capability, check_id, check_request_amount
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,7 @@ _DENIALS = {
     ScriptCode.ACCOUNT_DISABLED: DenyCode.ACCOUNT_DISABLED,
     ScriptCode.CAPABILITY_BLOCKED: DenyCode.CAPABILITY_BLOCKED,
     ScriptCode.RATE_LIMITED: DenyCode.RATE_LIMITED,
+    ScriptCode.BACKLOG_FULL: DenyCode.UNAVAILABLE,
 }
 _DECISION_COUNTERS = {
     result: metrics.AUTHORIZE_DECISIONS.labels(result)
@@ -52,11 +60,16 @@ class Gate:
         hot: RedisStore,
         accounts: Accounts,
         max_request_micros: int,
+        breaker: CircuitBreaker,
+        outage: OutageJournal,
         leases: LeaseManager | None = None,
         recall_wait_s: float = 0.25,
         recall_poll_s: float = 0.02,
     ) -> None:
         self._hot = hot
+        self._breaker = breaker
+        self._outage = outage
+        breaker.on_recovery(self._recover)
         self._accounts = accounts
         self._max_request_micros = max_request_micros
         self._leases = leases
@@ -78,13 +91,21 @@ class Gate:
             if local is not None:
                 return self._decided(started, Decision(True, "", local[0], local[1]))
 
-        result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
-        if result.code == ScriptCode.NOT_LOADED:
-            if not await self._accounts.ensure_loaded(account_id):
-                return self._decided(started, Decision(False, DenyCode.ACCOUNT_NOT_FOUND, 0))
-            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
-        if result.code == ScriptCode.LEASED:
-            result = await self._after_recall(account_id, request_id, amount_micros, capability)
+        try:
+            result = await self._authorize(account_id, request_id, amount_micros, capability)
+            if result.code == ScriptCode.NOT_LOADED:
+                if not await self._accounts.ensure_loaded(account_id):
+                    return self._decided(started, Decision(False, DenyCode.ACCOUNT_NOT_FOUND, 0))
+                result = await self._authorize(account_id, request_id, amount_micros, capability)
+            if result.code == ScriptCode.LEASED:
+                result = await self._after_recall(account_id, request_id, amount_micros, capability)
+        except HotUnavailable as exc:
+            answer = self._outage.decide(
+                account_id, request_id, amount_micros, capability, sent=exc.sent
+            )
+            if self._outage.entries:
+                self._breaker.owe()
+            return self._decided(started, Decision(answer.allowed, answer.code, 0, answer.replayed))
         decision = self._decision(result)
         if leases is not None and decision.allowed and not decision.replayed:
             leases.observe(account_id, amount_micros)
@@ -103,12 +124,52 @@ class Gate:
             await self._leases.release(account_id)  # our own lease first
         deadline = time.monotonic() + self._recall_wait_s
         while True:
-            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+            result = await self._authorize(account_id, request_id, amount_micros, capability)
             if result.code != ScriptCode.LEASED:
                 return result
             if time.monotonic() >= deadline:
                 return ScriptResult(ScriptCode.INSUFFICIENT_BALANCE, result.balance_micros)
             await asyncio.sleep(self._recall_poll_s)
+
+    async def _authorize(
+        self, account_id: str, request_id: str, amount_micros: int, capability: str
+    ) -> ScriptResult:
+        """One authorize script call through the circuit breaker (HotUnavailable if not)."""
+        if not self._breaker.admit():
+            raise HotUnavailable("redis circuit open", sent=False)
+        try:
+            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+        except HotUnavailable:
+            self._breaker.failed()
+            raise
+        self._breaker.answered()
+        return result
+
+    async def _recover(self) -> None:
+        """Before the circuit closes: settle what was decided without Redis."""
+        await self._outage.replay()
+        self._outage.end_outage()
+
+    @property
+    def outage_settled(self) -> bool:
+        """Redis answers and nothing decided without it is left to settle."""
+        return not self._breaker.is_open and self._outage.entries == 0
+
+    async def settle_outage(self) -> None:
+        """At shutdown: one last try to settle the outage journal in Redis."""
+        await self._breaker.wait_recovered()
+        if not self._outage.entries:
+            return
+        try:
+            await self._recover()
+        except (RedisError, OSError):
+            log.error(
+                "stopping with %d requests decided without Redis left unsettled",
+                self._outage.entries,
+            )
+
+    async def wait_recovered(self) -> None:
+        await self._breaker.wait_recovered()
 
     @staticmethod
     def _decision(result: ScriptResult) -> Decision:
@@ -136,11 +197,11 @@ class Gate:
 
         if self._leases is not None:
             await self._leases.flush_account(account_id)  # its request record must exist
-        result = await self._hot.settle(account_id, request_id, amount_micros)
+        result = await self._settle(account_id, request_id, amount_micros)
         if result.code == ScriptCode.NOT_LOADED:
             if not await self._accounts.ensure_loaded(account_id):
                 raise NotFound(f"account {account_id!r} not found")
-            result = await self._hot.settle(account_id, request_id, amount_micros)
+            result = await self._settle(account_id, request_id, amount_micros)
 
         if result.code == ScriptCode.OK:
             metrics.SETTLES.labels("replayed" if result.replayed else "settled").inc()
@@ -158,3 +219,15 @@ class Gate:
                 " a settled cost is final"
             )
         raise Unavailable("account state is being rebuilt; retry")
+
+    async def _settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
+        """A settle script call; Redis away: UNAVAILABLE, the proxy retries (idempotent)."""
+        if not self._breaker.admit():
+            raise Unavailable("redis unavailable (circuit open); retry")
+        try:
+            result = await self._hot.settle(account_id, request_id, amount_micros)
+        except HotUnavailable as exc:
+            self._breaker.failed()
+            raise Unavailable(f"{exc}; retry") from exc
+        self._breaker.answered()
+        return result

@@ -107,3 +107,27 @@ LEASE_RECALLS = Counter(
     "balance_gate_lease_recalls",
     "Leases returned because another sidecar needed the money (recall).",
 )
+
+REDIS_CIRCUIT_OPEN = Gauge(
+    "balance_gate_redis_circuit_open",
+    "1 while the Redis circuit breaker is open (Authorize answers by the fail mode).",
+)
+REDIS_CIRCUIT_OPENED = Counter(
+    "balance_gate_redis_circuit_opened", "Times the Redis circuit breaker opened."
+)
+OUTAGE_DECISIONS = Counter(
+    "balance_gate_outage_decisions",
+    "Authorize decisions taken without Redis, by result: allowed (fail_open, debited later),"
+    " denied (unavailable).",
+    ["result"],
+)
+OUTAGE_JOURNAL = Gauge(
+    "balance_gate_outage_journal",
+    "Requests decided without Redis still to be settled in Redis (fail_open debits and"
+    " fail_closed voids).",
+)
+OUTAGE_REPLAYED = Counter(
+    "balance_gate_outage_replayed",
+    "Outage journal entries settled in Redis once it answered again, by kind: debit, void.",
+    ["kind"],
+)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from balance_gate.accounts import Accounts
 from balance_gate.flusher import UsageFlusher
 from balance_gate.keys import shard_of
-from balance_gate.postgres_store import PostgresStore
+from balance_gate.postgres_store import Connection, PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,11 @@ class RebuildReport:
     pending_usage_recorded: int = 0
 
 
-async def rebuild_all(
-    pg: PostgresStore, accounts: Accounts, flusher: UsageFlusher, page_size: int = 1_000
-) -> RebuildReport:
-    report = RebuildReport()
+async def shards_locked(
+    pg: PostgresStore, flusher: UsageFlusher, page_size: int = 1_000
+) -> AsyncIterator[tuple[Connection, list[str], int]]:
+    """Every account, a shard at a time: (connection holding the shard's exclusive
+    lock, the shard's accounts of this page, unacknowledged usage recorded first)."""
     after = ""
     while account_ids := await pg.account_ids(after, page_size):
         after = account_ids[-1]
@@ -43,16 +45,25 @@ async def rebuild_all(
             by_shard[shard_of(account_id)].append(account_id)
         for shard, members in sorted(by_shard.items()):
             async with pg.shard_lock([shard], exclusive=True) as conn:
-                report.pending_usage_recorded += await flusher.record_pending_locked(conn, shard)
-                for account_id in members:
-                    correction = await accounts.reconcile_locked(conn, account_id)
-                    if correction is None:  # deleted meanwhile
-                        continue
-                    report.accounts += 1
-                    if correction:
-                        report.corrected += 1
-                        report.correction_micros += abs(correction)
-                        log.warning(
-                            "account %r: hot balance corrected by %d micros", account_id, correction
-                        )
+                recorded = await flusher.record_pending_locked(conn, shard)
+                yield conn, members, recorded
+
+
+async def rebuild_all(
+    pg: PostgresStore, accounts: Accounts, flusher: UsageFlusher, page_size: int = 1_000
+) -> RebuildReport:
+    report = RebuildReport()
+    async for conn, members, recorded in shards_locked(pg, flusher, page_size):
+        report.pending_usage_recorded += recorded
+        for account_id in members:
+            correction = await accounts.reconcile_locked(conn, account_id)
+            if correction is None:  # deleted meanwhile
+                continue
+            report.accounts += 1
+            if correction:
+                report.corrected += 1
+                report.correction_micros += abs(correction)
+                log.warning(
+                    "account %r: hot balance corrected by %d micros", account_id, correction
+                )
     return report

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from balance_gate.constants import (
     CREDIT_MARKER_TTL_SECONDS,
@@ -27,6 +27,7 @@ from balance_gate.constants import (
 )
 from balance_gate.keys import Keys, credit_line_fields
 from balance_gate.postgres_store import UsageEvent
+from balance_gate.redis_client import execute_pipeline, is_cluster
 
 _KIND = {b"a": "authorize", b"s": "settle"}
 
@@ -93,7 +94,37 @@ class StreamEntry:
     event: UsageEvent
 
 
-Call = tuple[Sequence[str], Sequence[str], "asyncio.Future[Any]"]
+class HotUnavailable(Exception):
+    """A hot-path script call failed or timed out.
+
+    sent: the call had left for Redis, so it may have run (its outcome is unknown).
+    """
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class Call:
+    __slots__ = ("args", "keys", "reply", "sent")
+
+    def __init__(
+        self, keys: Sequence[str], args: Sequence[str], reply: asyncio.Future[Any]
+    ) -> None:
+        self.keys = keys
+        self.args = args
+        self.reply = reply
+        self.sent = False
+
+    async def result(self, timeout_s: float) -> Any:
+        """The reply within timeout_s, or HotUnavailable (giving up cancels the call
+        if it has not been sent yet)."""
+        try:
+            return await asyncio.wait_for(self.reply, timeout_s)
+        except TimeoutError:
+            raise HotUnavailable("redis did not answer in time", sent=self.sent) from None
+        except (RedisError, OSError) as exc:
+            raise HotUnavailable(f"redis failed: {type(exc).__name__}", sent=self.sent) from exc
 
 
 class ScriptBatcher:
@@ -125,12 +156,12 @@ class ScriptBatcher:
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
 
-    def call(self, keys: Sequence[str], args: Sequence[str]) -> asyncio.Future[Any]:
+    def call(self, keys: Sequence[str], args: Sequence[str]) -> Call:
         loop = asyncio.get_running_loop()
-        reply = loop.create_future()
-        self._queue.append((keys, args, reply))
+        call = Call(keys, args, loop.create_future())
+        self._queue.append(call)
         self._schedule(loop)
-        return reply
+        return call
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._flush_scheduled and len(self._sending) < self._max_in_flight:
@@ -141,8 +172,15 @@ class ScriptBatcher:
         self._flush_scheduled = False
         if not self._queue:
             return
-        batch = self._queue[: self._max_batch]
+        # Calls whose callers gave up (timed out) are never sent.
+        batch = [call for call in self._queue[: self._max_batch] if not call.reply.done()]
         del self._queue[: self._max_batch]
+        if not batch:
+            if self._queue:
+                self._schedule(asyncio.get_running_loop())
+            return
+        for call in batch:
+            call.sent = True
         task = asyncio.create_task(self._send(batch))
         self._sending.add(task)  # a reference until it is done, and the in-flight count
         task.add_done_callback(self._sent)
@@ -164,15 +202,16 @@ class ScriptBatcher:
                 for i, reply in zip(refused, again, strict=True):
                     replies[i] = reply
         except asyncio.CancelledError:
-            for *_, waiting in batch:
-                waiting.cancel()
+            for call in batch:
+                call.reply.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
-            for *_, waiting in batch:
-                if not waiting.done():
-                    waiting.set_exception(exc)
+            for call in batch:
+                if not call.reply.done():
+                    call.reply.set_exception(exc)
             return
-        for (*_, waiting), reply in zip(batch, replies, strict=True):
+        for call, reply in zip(batch, replies, strict=True):
+            waiting = call.reply
             if waiting.done():  # the caller gave up (cancelled)
                 continue
             if isinstance(reply, Exception):
@@ -182,9 +221,11 @@ class ScriptBatcher:
 
     async def _execute(self, batch: list[Call]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
-        for keys, args, _ in batch:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        return await pipe.execute(raise_on_error=False)
+        for call in batch:
+            # Not pipe.evalsha: redis-py's cluster pipeline refuses that method, but
+            # routes the raw command by its keys (all in one slot: keys.py).
+            pipe.execute_command("EVALSHA", self._sha, len(call.keys), *call.keys, *call.args)
+        return await execute_pipeline(self._client, pipe, raise_on_error=False)
 
 
 class RedisStore:
@@ -195,8 +236,13 @@ class RedisStore:
         request_ttl_seconds: int,
         trigger_ttl_seconds: int = 600,
         batch_max: int = 256,
+        *,
+        call_timeout_s: float = 1.0,
+        backlog_max: int = 20_000,
     ) -> None:
         self.client = client
+        self._call_timeout_s = call_timeout_s
+        self._backlog_max = str(backlog_max)
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
         self._trigger_ttl = str(trigger_ttl_seconds)
@@ -215,6 +261,7 @@ class RedisStore:
     async def authorize(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
     ) -> ScriptResult:
+        """Raises HotUnavailable when Redis fails or is slower than the call timeout."""
         reply = await self._authorize.call(
             self.keys.hot(account_id).for_request(request_id),
             (
@@ -225,15 +272,16 @@ class RedisStore:
                 request_id,
                 capability,
                 self._trigger_ttl,
+                self._backlog_max,
             ),
-        )
+        ).result(self._call_timeout_s)
         return ScriptResult(reply[0], reply[1], replayed=reply[2] == 1)
 
     async def settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
         reply = await self._settle.call(
             self.keys.hot(account_id).for_request(request_id),
             (str(amount_micros), account_id, request_id, self._trigger_ttl),
-        )
+        ).result(self._call_timeout_s)
         return ScriptResult(reply[0], reply[1], reply[2], reply[3] == 1)
 
     # --- balance leases (leases.py, lua/lib/leases.lua) ------------------
@@ -244,7 +292,7 @@ class RedisStore:
         hot = self.keys.hot(account_id)
         reply = await self._lease_take.call(
             (hot.account, hot.leases), (holder, str(want_micros), str(min_micros), str(ttl_ms))
-        )
+        ).reply
         return LeaseGrant(reply[0], reply[1], reply[2])
 
     async def lease_report(
@@ -269,7 +317,7 @@ class RedisStore:
         for use in uses:
             keys.append(hot.request_prefix + use.request_id)
             args += [use.request_id, str(use.amount_micros), use.capability]
-        reply = await self._lease_report.call(keys, args)
+        reply = await self._lease_report.call(keys, args).reply
         return LeaseReport(
             reply[0], reply[1], reply[2] == 1, tuple(rid.decode() for rid in reply[3:])
         )
@@ -279,9 +327,14 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for account_id in account_ids:
             pipe.hexists(self.keys.account(account_id), "recall")
-        return [bool(flag) for flag in await pipe.execute()]
+        return [bool(flag) for flag in await execute_pipeline(self.client, pipe)]
 
     # --- account state ----------------------------------------------------
+
+    async def request_record(self, account_id: str, request_id: str) -> str | None:
+        """A request's record: "<authorized>" or "<authorized>:<settled>"; None: unknown."""
+        record = await self.client.get(self.keys.request(account_id, request_id))
+        return None if record is None else cast(bytes, record).decode()
 
     async def read_account(self, account_id: str) -> HotAccount | None:
         balance, unflushed, status, leased = await self.client.hmget(
@@ -397,12 +450,11 @@ class RedisStore:
                 )
                 found += [(shard, i.decode(), f[b"a"].decode()) for i, f in reply[1] if f]
             return found
-        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
-            stream: ">" for stream in self.keys.all_top_up_streams()
-        }
-        new = await self.client.xreadgroup(TOP_UP_GROUP, consumer, streams, count, block_ms)
+        new = await self._read_group(
+            self.keys.all_top_up_streams(), TOP_UP_GROUP, consumer, count, block_ms
+        )
         prefix_len = len(self.keys.prefix) + 2
-        for stream, messages in cast(list[list[Any]], new or []):
+        for stream, messages in new:
             shard = int(stream[prefix_len : stream.index(b"}")])
             found += [(shard, i.decode(), f[b"a"].decode()) for i, f in messages if f]
         return found
@@ -411,14 +463,14 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for stream in self.keys.all_top_up_streams():
             pipe.xlen(stream)
-        return sum(await pipe.execute())
+        return sum(await execute_pipeline(self.client, pipe))
 
     async def ack_top_up_trigger(self, shard: int, entry_id: str) -> None:
         stream = self.keys.top_up_stream(shard)
         pipe = self.client.pipeline(transaction=False)
         pipe.xack(stream, TOP_UP_GROUP, entry_id)
         pipe.xdel(stream, entry_id)
-        await pipe.execute()
+        await execute_pipeline(self.client, pipe)
 
     # --- usage streams ----------------------------------------------------
 
@@ -434,19 +486,64 @@ class RedisStore:
         pipe = self.client.pipeline(transaction=False)
         for stream in streams:
             pipe.xgroup_create(stream, group, id="0", mkstream=True)
-        for result in await pipe.execute(raise_on_error=False):
+        for result in await execute_pipeline(self.client, pipe, raise_on_error=False):
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
                 raise result
 
     async def read_usage(
-        self, consumer: str, count: int, block_ms: int | None
+        self, consumer: str, count: int, block_ms: int | None, *, own_pending: bool = False
     ) -> list[StreamEntry]:
-        """New entries of every shard; waits up to block_ms for some (None: no wait)."""
-        streams: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
-            stream: ">" for stream in self.keys.all_usage_streams()
-        }
-        reply = await self.client.xreadgroup(USAGE_GROUP, consumer, streams, count, block_ms)
-        return self._entries(cast(list[list[Any]], reply or []))
+        """New entries of every shard; waits up to block_ms for some (None: no wait).
+
+        own_pending: instead, the entries this consumer read before and has not
+        acknowledged (a flush that failed), without waiting.
+        """
+        reply = await self._read_group(
+            self.keys.all_usage_streams(),
+            USAGE_GROUP,
+            consumer,
+            count,
+            None if own_pending else block_ms,
+            start="0" if own_pending else ">",
+        )
+        return self._entries(reply)
+
+    async def _read_group(
+        self,
+        streams: list[str],
+        group: str,
+        consumer: str,
+        count: int,
+        block_ms: int | None,
+        start: str = ">",
+    ) -> list[list[Any]]:
+        """XREADGROUP over every shard's stream: [[stream, [(id, fields)...]]...].
+
+        start '>': new entries; '0': this consumer's pending ones.
+
+        Standalone: one blocking call over all streams. Cluster: the streams
+        live in different slots (one XREADGROUP cannot span them), so one
+        non-blocking call per stream goes out in a pipeline (redis-py routes
+        each to its node), and an empty round waits block_ms here.
+        """
+        if not is_cluster(self.client):
+            by_stream: dict[bytes | str | memoryview, int | bytes | str | memoryview] = {
+                stream: start for stream in streams
+            }
+            reply = await self.client.xreadgroup(group, consumer, by_stream, count, block_ms)
+            return cast(list[list[Any]], reply or [])
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xreadgroup(group, consumer, {stream: start}, count)
+        found = [
+            entry
+            for reply in await execute_pipeline(self.client, pipe)
+            for entry in cast(list[list[Any]], reply or [])
+            if entry[1]  # '0' answers every stream, most with no entries
+        ]
+        if not found and block_ms:
+            await asyncio.sleep(block_ms / 1000)
+        return found
 
     async def claim_stale_usage(
         self, shard: int, consumer: str, min_idle_ms: int, count: int
@@ -469,7 +566,7 @@ class RedisStore:
             keys.append(self.keys.account(entry.event.account_id))
             refund = str(amount) if entry.entry_id in duplicates else "0"
             args += [entry.entry_id, str(-amount), refund]
-        return int(await self._ack.call(keys, args))
+        return int(await self._ack.call(keys, args).reply)
 
     async def usage_backlog(self) -> tuple[int, int | None]:
         """(events not yet flushed, Redis ms timestamp of the oldest), over all shards.
@@ -481,7 +578,7 @@ class RedisStore:
         for stream in self.keys.all_usage_streams():
             pipe.xlen(stream)
             pipe.xrange(stream, count=1)
-        replies = await pipe.execute()
+        replies = await execute_pipeline(self.client, pipe)
         waiting = sum(replies[0::2])
         oldest = [int(first[0][0].split(b"-")[0]) for first in replies[1::2] if first]
         return waiting, min(oldest) if oldest else None

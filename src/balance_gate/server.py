@@ -151,6 +151,8 @@ class Sidecar:
         await self._gate_health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
         await asyncio.gather(self._gate.stop(grace_s), self._admin.stop(grace_s))
+        # Requests decided without Redis are settled in it before the flusher drains.
+        await self.app.gate.settle_outage()
         # Leases go back (and their usage into the streams) before the flusher drains:
         # the lease reporter returns them all when told to stop.
         self._stop_leases.set()

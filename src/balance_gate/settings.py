@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     metrics_listen: str = Field(
         default="127.0.0.1:9464", description="host:port serving Prometheus /metrics."
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names one node of a Redis Cluster (docs/reliability.md:"
+        " every key of an account, and its shard's streams, share one slot).",
+    )
     redis_key_prefix: str = Field(
         default="bg",
         pattern=r"^[a-z][a-z0-9_]{0,15}$",
@@ -68,6 +73,11 @@ class Settings(BaseSettings):
     )
     redis_max_connections: int = Field(
         default=64, ge=2, le=10_000, description="Connections in the Redis pool."
+    )
+    database_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="Timeout of connecting to Postgres and of every statement.",
     )
     database_pool_size: int = Field(
         default=10, ge=2, le=1_000, description="Connections in the Postgres pool."
@@ -194,6 +204,49 @@ class Settings(BaseSettings):
         ge=1,
         le=10_000,
         description="Most Authorize/Settle scripts sent to Redis in one pipeline.",
+    )
+    redis_fail_mode: Literal["fail_closed", "fail_open"] = Field(
+        default="fail_closed",
+        description="When Redis does not answer: fail_closed denies with code 'unavailable';"
+        " fail_open allows up to fail_open_budget_micros per account and outage, and debits"
+        " those requests once Redis is back (docs/reliability.md).",
+    )
+    fail_open_budget_micros: int = Field(
+        default=1_000_000,
+        ge=0,
+        le=MAX_REQUEST_MICROS_LIMIT,
+        description="fail_open: most one account may spend on this sidecar during one outage.",
+    )
+    fail_open_max_requests: int = Field(
+        default=100_000,
+        ge=0,
+        description="fail_open: most requests this sidecar remembers for debiting after an"
+        " outage; beyond it, requests are denied 'unavailable'.",
+    )
+    redis_call_timeout_ms: int = Field(
+        default=250,
+        ge=1,
+        le=60_000,
+        description="Deadline of one Authorize/Settle script call; past it, the fail mode"
+        " answers. Keep it under the proxies' gRPC deadline.",
+    )
+    breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Failed Redis calls in a row that open the circuit (calls then fail at"
+        " once, without waiting for Redis).",
+    )
+    breaker_open_ms: int = Field(
+        default=1_000,
+        ge=1,
+        description="How long the circuit stays open before one call probes Redis again.",
+    )
+    usage_backlog_max: int = Field(
+        default=20_000,
+        ge=1,
+        description="Most usage events one shard's stream may hold while Postgres is away;"
+        " beyond it, Authorize denies 'unavailable' rather than debit what it cannot record"
+        " (256 shards: about 5 million events, ~1 GB of Redis).",
     )
     lease_accounts: str = Field(
         default="",

@@ -17,7 +17,7 @@ import time
 from redis.exceptions import RedisError, ResponseError
 
 from balance_gate import metrics
-from balance_gate.flusher import consumer_name
+from balance_gate.flusher import consumer_name, streams_lost
 from balance_gate.redis_store import RedisStore
 from balance_gate.topups import TopUps
 
@@ -53,7 +53,7 @@ class TopUpWorker:
                     await self.recover()
                     next_recovery = time.monotonic() + _RECOVERY_EVERY_S
             except ResponseError as exc:
-                groups_ready = not str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+                groups_ready = not streams_lost(exc)
                 if groups_ready:
                     log.exception("top-up worker: unexpected Redis reply")
                     await _pause(stop, 1.0)

@@ -14,6 +14,7 @@
   ARGV[3] request record TTL in seconds
   ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
   ARGV[7] lifetime of a trigger flag in seconds
+  ARGV[8] most entries the usage stream may hold (Postgres away: usage waits there)
 
   Balances returned are what the customer holds: balance + leased. A request
   is paid while the balance stays at or above 'floor' (0, or minus the credit
@@ -32,6 +33,8 @@
                              capability is in 'sl_caps' ("|cap|cap|")
     12 RATE_LIMITED          C4 stop-loss: more than 'sl_rate' requests per second
                              (a token bucket in 'sl_tokens' / 'sl_ms')
+    13 BACKLOG_FULL          the usage stream holds ARGV[8] entries: a debit could not be
+                             recorded, so nothing is debited
     10 LEASED                the balance cannot pay but leases hold money: their holders
                              are asked to return it ('recall'); retry shortly
 ]]
@@ -99,6 +102,9 @@ if balance - amount < floor then
   return {1, balance + leased, 0}
 end
 
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[8]) then
+  return {13, balance + leased, 0}
+end
 if amount ~= 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'unflushed', ARGV[1])

@@ -1,0 +1,174 @@
+"""Redis cut, delayed or black-holed under a sidecar: the fail mode answers in time, and
+every cent is accounted for once Redis is back (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from balance_gate import metrics
+from balance_gate.v1 import gate_pb2
+from tests.conftest import RunningGate
+from tests.faults.conftest import GateThroughProxy, assert_audit_clean
+from tests.helpers import USD, authorize_request, fund_over_grpc, rid
+
+DEADLINE_S = 1.0  # the proxies' gRPC deadline in these tests
+FAST = {"redis_call_timeout_ms": 150, "breaker_failures": 3, "breaker_open_ms": 200}
+
+
+async def _authorize_many(
+    running: RunningGate, account_id: str, n: int, amount: int
+) -> tuple[list[gate_pb2.AuthorizeResponse], list[float]]:
+    """n concurrent Authorize calls; answers and latencies (all within DEADLINE_S or fail)."""
+
+    async def one() -> tuple[gate_pb2.AuthorizeResponse, float]:
+        started = time.perf_counter()
+        answer = await running.gate.Authorize(
+            authorize_request(account_id, amount), timeout=DEADLINE_S
+        )
+        return answer, time.perf_counter() - started
+
+    results = await asyncio.gather(*(one() for _ in range(n)))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def _p99(latencies: list[float]) -> float:
+    return sorted(latencies)[int(len(latencies) * 0.99) - 1]
+
+
+async def _until_recovered(running: RunningGate, account_id: str, amount: int) -> int:
+    """Authorize until Redis answered and the outage journal is settled; return the
+    micros allowed on the way (in fail_open some are allowed from the journal)."""
+    allowed = 0
+    for _ in range(500):
+        answer = await running.gate.Authorize(authorize_request(account_id, amount))
+        allowed += amount if answer.allowed else 0
+        await running.app.gate.wait_recovered()
+        if running.app.gate.outage_settled:
+            return allowed
+        await asyncio.sleep(0.01)  # polling for the breaker's next probe, not a race
+    raise AssertionError("Redis never came back")
+
+
+async def test_fail_closed_denies_within_deadline_when_redis_is_cut(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    async with gate_through_proxy(redis_fail_mode="fail_closed", **FAST) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", 10 * USD)
+        assert (await running.gate.Authorize(authorize_request("acme", USD))).allowed
+
+        proxy.set("reset")
+        answers, latencies = await _authorize_many(running, "acme", 200, 1_000)
+        assert all(not a.allowed and a.code == "unavailable" for a in answers)
+        assert _p99(latencies) < DEADLINE_S
+        assert metrics.REDIS_CIRCUIT_OPEN._value.get() == 1
+
+        # Open circuit: a dead Redis costs no timeout per request.
+        _, open_latencies = await _authorize_many(running, "acme", 50, 1_000)
+        assert max(open_latencies) < FAST["redis_call_timeout_ms"] / 1000
+
+        proxy.set("pass")
+        spent = USD + await _until_recovered(running, "acme", USD)
+        account = await running.app.hot.read_account("acme")
+        assert account is not None
+        assert account.balance_micros == 10 * USD - spent
+        await assert_audit_clean(running.app)
+
+
+async def test_fail_open_allows_up_to_the_budget_and_debits_once_redis_is_back(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    budget = 50_000
+    async with gate_through_proxy(
+        redis_fail_mode="fail_open", fail_open_budget_micros=budget, **FAST
+    ) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", 10 * USD)
+        await fund_over_grpc(running.admin, "beta", 10 * USD)
+        assert (await running.gate.Authorize(authorize_request("acme", 1))).allowed
+
+        proxy.set("blackhole")
+        answers, latencies = await _authorize_many(running, "acme", 80, 1_000)
+        allowed = [a for a in answers if a.allowed]
+        assert len(allowed) == budget // 1_000
+        assert all(a.code == "unavailable" for a in answers if not a.allowed)
+        assert _p99(latencies) < DEADLINE_S
+        # A retry of an allowed request during the outage is the same answer, charged once.
+        retry = authorize_request("beta", 7_000, request_id=rid())
+        first = await running.gate.Authorize(retry, timeout=DEADLINE_S)
+        again = await running.gate.Authorize(retry, timeout=DEADLINE_S)
+        assert first.allowed
+        assert again.allowed
+        assert again.replayed
+
+        proxy.set("pass")
+        recovered = await _until_recovered(running, "beta", 1)
+        acme = await running.app.hot.read_account("acme")
+        beta = await running.app.hot.read_account("beta")
+        assert acme is not None
+        assert beta is not None
+        assert acme.balance_micros == 10 * USD - 1 - budget
+        assert beta.balance_micros == 10 * USD - 7_000 - recovered
+        await assert_audit_clean(running.app)
+
+
+async def test_a_slow_redis_within_the_timeout_changes_nothing(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    async with gate_through_proxy(redis_fail_mode="fail_closed", **FAST) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", 10 * USD)
+        proxy.set("pass", delay_s=0.02)
+        answers, latencies = await _authorize_many(running, "acme", 100, 1_000)
+        assert all(a.allowed for a in answers)
+        assert _p99(latencies) < DEADLINE_S
+        proxy.set("pass")
+        await assert_audit_clean(running.app)
+
+
+async def test_fail_closed_voids_a_debit_that_ran_after_its_timeout(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    """The call reached Redis late: the proxy was told 'unavailable', so it is given back."""
+    async with gate_through_proxy(
+        redis_fail_mode="fail_closed", redis_call_timeout_ms=100, breaker_failures=100
+    ) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", 10 * USD)
+        assert (await running.gate.Authorize(authorize_request("acme", 1))).allowed
+
+        proxy.set("pass", delay_s=0.3)  # longer than the call timeout: it runs, late
+        late = authorize_request("acme", USD)
+        answer = await running.gate.Authorize(late, timeout=DEADLINE_S)
+        assert not answer.allowed
+        assert answer.code == "unavailable"
+        proxy.set("pass")
+        spent = await _until_recovered(running, "acme", 1)
+
+        account = await running.app.hot.read_account("acme")
+        assert account is not None
+        assert account.balance_micros == 10 * USD - 1 - spent
+        record = await running.app.hot.request_record("acme", late.request_id)
+        assert record == f"{USD}:0"  # it ran, late, and was settled to 0
+        await assert_audit_clean(running.app)
+
+
+async def test_settle_answers_unavailable_while_redis_is_cut(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    async with gate_through_proxy(**FAST) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", 10 * USD)
+        request = authorize_request("acme", USD)
+        assert (await running.gate.Authorize(request)).allowed
+        proxy.set("reset")
+        settle = gate_pb2.SettleRequest(
+            account_id="acme", request_id=request.request_id, amount_micros=500_000
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await running.gate.Settle(settle, timeout=DEADLINE_S)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        proxy.set("pass")
+        await _until_recovered(running, "acme", 1)
+        settled = await running.gate.Settle(settle)  # the proxy's retry
+        assert settled.balance_micros == 10 * USD - 500_000 - 1
+        await assert_audit_clean(running.app)
