@@ -20,7 +20,7 @@ import pytest
 
 from balance_gate.devservers import PostgresServer, RedisServer, free_port
 from balance_gate.settings import Settings
-from balance_gate.v1 import admin_pb2_grpc
+from balance_gate.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import Servers, create_database
 from tests.faults.load import Load, Seen
 from tests.faults.processes import SidecarProcess
@@ -77,10 +77,14 @@ def _assert_audit_clean(sidecar: SidecarProcess) -> None:
 async def test_sidecar_killed_under_load_loses_and_doubles_nothing(
     settings: Settings, work_dir: Path
 ) -> None:
-    sidecar = SidecarProcess(settings, work_dir / "sidecar.log", flush_claim_idle_ms="500")
+    sidecar = SidecarProcess(
+        settings, work_dir / "sidecar.log", flush_claim_idle_ms="500", top_up_retry_interval_ms="0"
+    )
     await sidecar.start()
     try:
-        await fund_over_grpc(admin_pb2_grpc.AdminStub(sidecar.admin_channel), "acme", 1_000 * USD)
+        admin = admin_pb2_grpc.AdminStub(sidecar.admin_channel)
+        await fund_over_grpc(admin, "acme", USD)
+        await _arm_auto_top_up(admin, "acme")
         load = Load(sidecar.channel, "acme", CENT)
         load.start()
         await load.until_calls(300)
@@ -96,9 +100,53 @@ async def test_sidecar_killed_under_load_loses_and_doubles_nothing(
         recorded = await _recorded(dsn, "acme")
         assert set(recorded) == set(seen.allowed)  # nothing lost, nothing unasked-for
         assert set(recorded.values()) == {1}  # each exactly once
+        await _assert_each_top_up_charged_once(dsn, "acme")
         _assert_audit_clean(sidecar)
     finally:
         await sidecar.close()
+
+
+async def _arm_auto_top_up(admin: admin_pb2_grpc.AdminAsyncStub, account_id: str) -> None:
+    """$1 top-ups under $0.50: a cent a request crosses the threshold every ~100 requests."""
+    await admin.SetPaymentMethods(
+        admin_pb2.SetPaymentMethodsRequest(account_id=account_id, primary="pm_card_visa")
+    )
+    await admin.SetAutoTopUp(
+        admin_pb2.SetAutoTopUpRequest(
+            account_id=account_id,
+            enabled=True,
+            threshold_micros=USD // 2,
+            amount_micros=USD,
+            daily_cap_micros=10_000 * USD,
+        )
+    )
+
+
+async def _assert_each_top_up_charged_once(dsn: str, account_id: str) -> None:
+    """Every succeeded top-up has one succeeded charge and one credit, nothing more."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + 30
+        while await conn.fetchval("SELECT count(*) FROM top_ups WHERE status = 'pending'"):
+            assert time.monotonic() < deadline, "a top-up stayed pending"
+            await asyncio.sleep(0.1)
+        top_ups = await conn.fetchval(
+            "SELECT count(*) FROM top_ups WHERE account_id = $1 AND status = 'succeeded'",
+            account_id,
+        )
+        charges = await conn.fetchval(
+            """SELECT count(*) FROM sandbox_charges s JOIN top_ups t
+                 ON s.idempotency_key = 'balance-gate-top-up-' || t.top_up_id
+               WHERE t.account_id = $1 AND s.succeeded""",
+            account_id,
+        )
+        credits = await conn.fetchval(
+            "SELECT count(*) FROM credits WHERE account_id = $1 AND kind = 'top_up'", account_id
+        )
+    finally:
+        await conn.close()
+    assert top_ups > 1  # the load crossed the threshold more than once
+    assert top_ups == charges == credits
 
 
 @pytest.mark.parametrize("data", ["aof", "gone"])
