@@ -29,7 +29,7 @@ from balance_gate.auth import ProxyIdentities
 from balance_gate.credit_lines import CreditLine, CreditLines
 from balance_gate.credit_reviews import CreditReviews, Review
 from balance_gate.gate import Gate
-from balance_gate.payments import mask
+from balance_gate.payments import GatewayUnavailable, mask
 from balance_gate.refunds import RefundRow, Refunds
 from balance_gate.top_up_store import AutoTopUpRow, InvoiceRow, TopUpRow
 from balance_gate.topups import TopUps
@@ -61,6 +61,8 @@ def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
         metrics.POSTGRES_ERRORS.labels(method).inc()
         return grpc.StatusCode.UNAVAILABLE, "postgres unavailable"
+    if isinstance(exc, GatewayUnavailable):  # the outcome is unknown; retry with the same key
+        return grpc.StatusCode.UNAVAILABLE, "payment gateway unavailable"
     if isinstance(exc, OSError):  # includes TimeoutError: a store did not answer in time
         return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable"
     if isinstance(exc, RedisError):
