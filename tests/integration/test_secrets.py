@@ -135,19 +135,14 @@ async def _exercise(admin_address: str, gate_address: str) -> list[str]:
             metadata=good,
         )
         # The payment gateway is unreachable: the top-up fails with the token in hand.
-        try:
-            seen.append(
-                str(
-                    await admin.TopUp(
-                        admin_pb2.TopUpRequest(
-                            account_id=account, amount_micros=5 * USD, idempotency_key=rid()
-                        ),
-                        metadata=good,
-                    )
-                )
-            )
-        except grpc.aio.AioRpcError as failed:
-            seen += [failed.details() or "", str(failed)]
+        top_up = admin_pb2.TopUpRequest(
+            account_id=account, amount_micros=5 * USD, idempotency_key=rid()
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await admin.TopUp(top_up, metadata=good)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert failed.value.details() == "payment gateway unavailable"
+        seen += [failed.value.details() or "", str(failed.value)]
     return seen
 
 
