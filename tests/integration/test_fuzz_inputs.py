@@ -4,7 +4,8 @@ The RPCs are read from the descriptors of the generated modules, so a new RPC
 (or a new field) is covered without touching this file. Every field of every
 request may be missing, huge, in any unicode category protobuf can carry,
 full of control characters, or at the edge of its integer type; nested
-messages, repeated and map fields are generated the same way.
+messages, repeated and map fields are generated the same way. Half of the
+examples set every field to a plausible value instead, to reach the core.
 
 Each answer must be OK or a clean refusal (never INTERNAL or UNKNOWN); the
 sidecar must keep serving; and the pre-funded accounts must not move. Their ids
@@ -105,12 +106,25 @@ _text = st.one_of(
 )
 
 
-def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+# The plausible half: every field set to a value a caller might really send, so that
+# calls get past the first check and into the core (Credit, TopUp, SetCreditLine...).
+_plausible_text = st.one_of(
+    st.just(TARGET),  # often: the one account that exists
+    st.sampled_from(_PLAUSIBLE),
+    st.text("abcxyz-_.0189", min_size=1, max_size=12),
+)
+_PLAUSIBLE_INTS = (0, 1, 2, 7, 30, 100, 365, 10_000, 1_000_000, 5_000_000, 25_000_000)
+
+
+def _scalar(field: FieldDescriptor, depth: int, plausible: bool) -> st.SearchStrategy[Any]:
     kind = field.type
     if kind in _INT_RANGES:
-        return _integers(*_INT_RANGES[kind])
+        lower, upper = _INT_RANGES[kind]
+        if plausible:
+            return st.sampled_from([n for n in _PLAUSIBLE_INTS if lower <= n <= upper])
+        return _integers(lower, upper)
     if kind == FieldDescriptor.TYPE_STRING:
-        return _text
+        return _plausible_text if plausible else _text
     if kind == FieldDescriptor.TYPE_BYTES:
         return st.binary(max_size=64)
     if kind == FieldDescriptor.TYPE_BOOL:
@@ -119,32 +133,42 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
         return st.floats(width=32 if kind == FieldDescriptor.TYPE_FLOAT else 64)
     if kind == FieldDescriptor.TYPE_ENUM:
         assert field.enum_type is not None
-        numbers = [value.number for value in field.enum_type.values]
-        return st.one_of(st.sampled_from(numbers), _integers(-(2**31), 2**31 - 1))
+        numbers = st.sampled_from([value.number for value in field.enum_type.values])
+        return numbers if plausible else st.one_of(numbers, _integers(-(2**31), 2**31 - 1))
     if kind == FieldDescriptor.TYPE_MESSAGE:
         assert field.message_type is not None
-        return messages(field.message_type, depth + 1)
+        return _messages(field.message_type, depth + 1, plausible)
     raise AssertionError(f"no strategy for {field.full_name} (type {kind})")
 
 
-def _field(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
+def _field(field: FieldDescriptor, depth: int, plausible: bool) -> st.SearchStrategy[Any]:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         entry = field.message_type.fields_by_name
         return st.dictionaries(
-            _scalar(entry["key"], depth), _scalar(entry["value"], depth), max_size=4
+            _scalar(entry["key"], depth, plausible),
+            _scalar(entry["value"], depth, plausible),
+            max_size=4,
         )
     if field.is_repeated:
-        return st.lists(_scalar(field, depth), max_size=4)
-    return _scalar(field, depth)
+        return st.lists(_scalar(field, depth, plausible), max_size=4)
+    return _scalar(field, depth, plausible)
 
 
-def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
-    """Messages of `descriptor` with any subset of fields set to hostile values."""
+def _messages(descriptor: Descriptor, depth: int, plausible: bool) -> st.SearchStrategy[Message]:
     cls = message_factory.GetMessageClass(descriptor)
     if depth > 3:
         return st.just(cls())
-    fields = {f.name: _field(f, depth) for f in descriptor.fields}
-    return st.builds(lambda values: cls(**values), st.fixed_dictionaries({}, optional=fields))
+    fields = {f.name: _field(f, depth, plausible) for f in descriptor.fields}
+    # Hostile: any subset of the fields. Plausible: all of them.
+    values = (
+        st.fixed_dictionaries(fields) if plausible else st.fixed_dictionaries({}, optional=fields)
+    )
+    return st.builds(lambda kwargs: cls(**kwargs), values)
+
+
+def messages(descriptor: Descriptor) -> st.SearchStrategy[Message]:
+    """Messages of `descriptor`: hostile values in any subset of fields, or plausible ones."""
+    return st.one_of(_messages(descriptor, 0, False), _messages(descriptor, 0, True))
 
 
 async def _call(channel: grpc.aio.Channel, method: MethodDescriptor, draw: Any) -> None:
