@@ -166,6 +166,8 @@ def test_a_non_loopback_admin_listener_needs_a_token(settings: Settings) -> None
         assert with_settings(settings, admin_listen=address, admin_tokens=TOKEN_A)
     for address in ("127.0.0.1:0", "localhost:0", "[::1]:0", "127.3.4.5:0"):
         assert with_settings(settings, admin_listen=address).admin_token_values == ()
+    with pytest.raises(ValidationError, match="admin_token_file: cannot read"):
+        with_settings(settings, admin_token_file="/nonexistent/admin-tokens")
 
 
 async def test_an_open_loopback_admin_api_is_logged_once(
