@@ -20,7 +20,8 @@ from typing import Any
 import grpc
 import uvloop
 
-from balance_gate.server import grpc_server
+from balance_gate.server import ServerLimits, grpc_server
+from balance_gate.settings import Settings
 from balance_gate.v1 import gate_pb2, gate_pb2_grpc
 from balance_gate.workers import supervise
 
@@ -51,7 +52,7 @@ class NoopGate(gate_pb2_grpc.BalanceGateServicer):
 
 
 async def serve(listen: str, reuse_port: bool) -> None:
-    server = grpc_server(reuse_port=reuse_port)
+    server = grpc_server(reuse_port=reuse_port, limits=ServerLimits.gate(Settings()))
     gate_pb2_grpc.add_BalanceGateServicer_to_server(NoopGate(), server)
     server.add_insecure_port(listen)
     await server.start()

@@ -7,6 +7,7 @@ template (fast), and its own Redis key prefix, so tests never see each other.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -131,26 +132,35 @@ class RunningGate:
     admin_channel: grpc.aio.Channel
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[tuple[Sidecar, Listening]]:
+    """A whole sidecar (listeners, flusher, sweeper) on `settings`, stopped on exit."""
+    sidecar = Sidecar(await App.open(settings, migrate=False))
+    listening = await sidecar.start()
+    try:
+        yield sidecar, listening
+    finally:
+        await sidecar.stop()
+
+
 @pytest.fixture
 async def running(settings: Settings) -> AsyncIterator[RunningGate]:
     """A whole sidecar (listeners, flusher, sweeper) and clients of both ports."""
-    sidecar = Sidecar(await App.open(settings, migrate=False))
-    listening = await sidecar.start()
-    gate_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.gate_port}")
-    admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.admin_port}")
-    try:
-        yield RunningGate(
-            sidecar.app,
-            listening,
-            gate_pb2_grpc.BalanceGateStub(gate_channel),
-            admin_pb2_grpc.AdminStub(admin_channel),
-            gate_channel,
-            admin_channel,
-        )
-    finally:
-        await gate_channel.close(None)
-        await admin_channel.close(None)
-        await sidecar.stop()
+    async with serving(settings) as (sidecar, listening):
+        gate_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.gate_port}")
+        admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.admin_port}")
+        try:
+            yield RunningGate(
+                sidecar.app,
+                listening,
+                gate_pb2_grpc.BalanceGateStub(gate_channel),
+                admin_pb2_grpc.AdminStub(admin_channel),
+                gate_channel,
+                admin_channel,
+            )
+        finally:
+            await gate_channel.close(None)
+            await admin_channel.close(None)
 
 
 @pytest.fixture

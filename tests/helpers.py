@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import os
 import subprocess
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from balance_gate.app import App
 from balance_gate.settings import Settings
@@ -104,3 +112,62 @@ async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[byte
             return
         except TimeoutError:
             assert time.monotonic() < deadline, "the sidecar did not start"
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    """`settings` with some fields changed, validated again (model_copy would not)."""
+    return Settings.model_validate({**settings.model_dump(), **changes})
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class CertificateAuthority:
+    """A CA made at test time; it issues server and client certificates (PEM)."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = self._build(name, self.key, ca=True).sign(self.key, hashes.SHA256())
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def _build(
+        self, common_name: str, key: ec.EllipticCurvePrivateKey, *, ca: bool
+    ) -> x509.CertificateBuilder:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        now = dt.datetime.now(dt.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject if ca else self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+
+    def issue(self, common_name: str, *, server: bool = False) -> tuple[bytes, bytes]:
+        """(private key, certificate) in PEM; a server certificate names 127.0.0.1 and localhost."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = self._build(common_name, key, ca=False)
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        return _pem(key), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def tls_files(directory: Path, ca: CertificateAuthority) -> dict[str, str]:
+    """A server certificate from `ca` and the CA itself as files: the TLS settings."""
+    key, cert = ca.issue("balance-gate", server=True)
+    files = {"tls_cert_file": cert, "tls_key_file": key, "tls_client_ca_file": ca.pem}
+    for name, pem in files.items():
+        (directory / f"{name}.pem").write_bytes(pem)
+    return {name: str(directory / f"{name}.pem") for name in files}

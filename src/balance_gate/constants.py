@@ -19,6 +19,8 @@ MAX_ID_BYTES: Final = 128
 MAX_CREDIT_VALIDITY_DAYS: Final = 36_500
 MAX_CAPABILITY_BYTES: Final = 64
 MAX_REASON_CHARS: Final = 500
+# The longest IANA zone name has 32 characters; zoneinfo looks names up as files.
+MAX_TIME_ZONE_CHARS: Final = 64
 
 # Accounts are spread over a fixed number of shards. All keys of one account,
 # and the usage stream its debits append to, carry the shard's hash tag, so

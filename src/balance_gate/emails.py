@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -32,7 +32,7 @@ class SmtpConfig:
     port: int
     sender: str
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a log line or a repr
     starttls: bool
     timeout_s: float = 10.0
 

@@ -25,5 +25,9 @@ class FailedPrecondition(GateError):
     pass
 
 
+class PermissionDenied(GateError):
+    """The caller is known but not allowed this call (a proxy identity, docs/security.md)."""
+
+
 class Unavailable(GateError):
     """A dependency (Redis, Postgres) cannot be reached; the call may be retried."""

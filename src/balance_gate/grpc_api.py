@@ -25,10 +25,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
 from balance_gate.appeals import Appeal, Appeals
+from balance_gate.auth import ProxyIdentities
 from balance_gate.credit_lines import CreditLine, CreditLines
 from balance_gate.credit_reviews import CreditReviews, Review
 from balance_gate.gate import Gate
-from balance_gate.payments import mask
+from balance_gate.payments import GatewayUnavailable, mask
 from balance_gate.refunds import RefundRow, Refunds
 from balance_gate.top_up_store import AutoTopUpRow, InvoiceRow, TopUpRow
 from balance_gate.topups import TopUps
@@ -46,6 +47,7 @@ _STATUS = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -59,6 +61,8 @@ def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
         metrics.POSTGRES_ERRORS.labels(method).inc()
         return grpc.StatusCode.UNAVAILABLE, "postgres unavailable"
+    if isinstance(exc, GatewayUnavailable):  # the outcome is unknown; retry with the same key
+        return grpc.StatusCode.UNAVAILABLE, "payment gateway unavailable"
     if isinstance(exc, OSError):  # includes TimeoutError: a store did not answer in time
         return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable"
     if isinstance(exc, RedisError):
@@ -85,9 +89,16 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
-    def __init__(self, gate: Gate, stream_max_in_flight: int = 1_024) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        stream_max_in_flight: int = 1_024,
+        identities: ProxyIdentities | None = None,
+    ) -> None:
         self._gate = gate
         self._stream_max_in_flight = stream_max_in_flight
+        # Which proxy may debit which accounts (auth.py); by default, any.
+        self._identities = identities or ProxyIdentities({})
 
     async def _decide(self, request: gate_pb2.AuthorizeRequest) -> gate_pb2.AuthorizeResponse:
         decision = await self._gate.authorize(
@@ -105,18 +116,28 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
     async def Authorize(
         self, request: gate_pb2.AuthorizeRequest, context: Context
     ) -> gate_pb2.AuthorizeResponse:
+        self._identities.check(context, request.account_id)
         return await self._decide(request)
 
     async def AuthorizeStream(
         self, request_iterator: AsyncIterator[gate_pb2.AuthorizeRequest], context: Context
     ) -> AsyncIterator[gate_pb2.AuthorizeResponse]:
-        """Decide each request as it arrives; answer in the order decisions finish."""
+        """Decide each request as it arrives; answer in the order decisions finish.
+
+        A caller that is not a listed proxy is refused the whole stream; an account
+        it may not debit is one request's PERMISSION_DENIED status.
+        """
+        try:
+            proxy = self._identities.proxy(context)
+        except errors.PermissionDenied as exc:
+            metrics.RPC_ERRORS.labels("AuthorizeStream", "PERMISSION_DENIED").inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         answers: asyncio.Queue[gate_pb2.AuthorizeResponse | None] = asyncio.Queue()
         room = asyncio.Semaphore(self._stream_max_in_flight)
         in_flight: set[asyncio.Task[None]] = set()
 
         async def answer(request: gate_pb2.AuthorizeRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request))
+            answers.put_nowait(await self._stream_answer(request, proxy))
 
         async def read_requests() -> None:
             try:
@@ -142,9 +163,10 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
                 task.cancel()
 
     async def _stream_answer(
-        self, request: gate_pb2.AuthorizeRequest
+        self, request: gate_pb2.AuthorizeRequest, proxy: str | None
     ) -> gate_pb2.AuthorizeResponse:
         try:
+            self._identities.check_account(proxy, request.account_id)
             return await self._decide(request)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer
             code, message = _status_of(exc, "AuthorizeStream")
@@ -159,6 +181,7 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
     async def Settle(
         self, request: gate_pb2.SettleRequest, context: Context
     ) -> gate_pb2.SettleResponse:
+        self._identities.check(context, request.account_id)
         settlement = await self._gate.settle(
             request.account_id, request.request_id, request.amount_micros
         )

@@ -33,6 +33,11 @@ RPC_ERRORS = Counter(
     "RPCs that ended with an error status, by method and gRPC status code.",
     ["method", "status"],
 )
+ADMIN_AUTH_FAILURES = Counter(
+    "balance_gate_admin_auth_failures",
+    "Admin calls refused for their token, by reason: missing, not_bearer, invalid.",
+    ["reason"],
+)
 REDIS_ERRORS = Counter(
     "balance_gate_redis_errors",
     "Redis calls that failed (connection, timeout, server error), by component.",

@@ -1,8 +1,10 @@
 """The sidecar process: two gRPC listeners, the metrics endpoint, background tasks.
 
 Start-up: open the stores, bind the proxies' port (BalanceGate) and the
-operators' port (Admin), each with grpc.health.v1 and server reflection, serve
-/metrics, start the usage flusher and the credit sweeper.
+operators' port (Admin), each with grpc.health.v1 and server reflection, TLS
+when configured, explicit message and stream limits, and the admin token check
+on the admin port (docs/security.md); serve /metrics, start the usage flusher
+and the credit sweeper.
 Shutdown (SIGTERM/SIGINT): health goes NOT_SERVING, the listeners stop taking
 calls and let in-flight ones finish, the flusher drains, the pools close.
 """
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from balance_gate.app import App
+from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
@@ -37,21 +40,58 @@ GATE_SERVICE = gate_pb2.DESCRIPTOR.services_by_name["BalanceGate"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
-def grpc_server(*, reuse_port: bool) -> grpc.aio.Server:
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may ask of a listener; grpc's defaults are not ours to inherit."""
+
+    max_receive_bytes: int
+    max_send_bytes: int
+    max_concurrent_streams: int  # per connection
+
+    @classmethod
+    def gate(cls, settings: Settings) -> ServerLimits:
+        return cls(
+            settings.max_message_bytes, settings.max_message_bytes, settings.max_concurrent_streams
+        )
+
+    @classmethod
+    def admin(cls, settings: Settings) -> ServerLimits:
+        return cls(
+            settings.max_message_bytes,
+            settings.admin_max_send_bytes,
+            settings.max_concurrent_streams,
+        )
+
+
+def server_options(limits: ServerLimits, *, reuse_port: bool) -> list[tuple[str, int]]:
+    return [
+        # Several worker processes may share one port (--workers); a lone
+        # process must not silently share its port with a stale one.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        # Proxies keep one channel open for hours; let them ping it.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # A bigger message is RESOURCE_EXHAUSTED before it is parsed.
+        ("grpc.max_receive_message_length", limits.max_receive_bytes),
+        ("grpc.max_send_message_length", limits.max_send_bytes),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: more calls on one connection wait.
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+    ]
+
+
+def grpc_server(
+    *,
+    reuse_port: bool,
+    limits: ServerLimits,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
+) -> grpc.aio.Server:
     """A grpc.aio server with the options every listener of ours uses.
 
     The no-op benchmark server builds its server here too, so that both are
     measured with the same settings.
     """
     return grpc.aio.server(
-        options=[
-            # Several worker processes may share one port (--workers); a lone
-            # process must not silently share its port with a stale one.
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-            # Proxies keep one channel open for hours; let them ping it.
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
+        options=server_options(limits, reuse_port=reuse_port), interceptors=interceptors
     )
 
 
@@ -63,9 +103,14 @@ class Listening:
 
 
 def _listener(
-    service: str, add: Callable[[grpc.aio.Server], None], *, reuse_port: bool
+    service: str,
+    add: Callable[[grpc.aio.Server], None],
+    *,
+    reuse_port: bool,
+    limits: ServerLimits,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
 ) -> tuple[grpc.aio.Server, Any]:
-    server = grpc_server(reuse_port=reuse_port)
+    server = grpc_server(reuse_port=reuse_port, limits=limits, interceptors=interceptors)
     add(server)
     checker = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -85,13 +130,16 @@ class Sidecar:
         self.app = app
         settings = app.settings
         reuse_port = settings.workers > 1
+        identities = ProxyIdentities(settings.proxy_identities)
         self._gate, self._gate_health = _listener(
             GATE_SERVICE,
             lambda s: gate_pb2_grpc.add_BalanceGateServicer_to_server(
-                BalanceGateServicer(app.gate, settings.stream_max_in_flight), s
+                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities), s
             ),
             reuse_port=reuse_port,
+            limits=ServerLimits.gate(settings),
         )
+        tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
             ADMIN_SERVICE,
             lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
@@ -106,9 +154,19 @@ class Sidecar:
                 s,
             ),
             reuse_port=reuse_port,
+            limits=ServerLimits.admin(settings),
+            interceptors=[AdminTokenInterceptor(tokens)] if tokens else [],
         )
-        self._gate_port = self._gate.add_insecure_port(settings.gate_listen)
-        self._admin_port = self._admin.add_insecure_port(settings.admin_listen)
+        self._admin_open = not tokens
+        credentials = tls_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+        if credentials is None:
+            self._gate_port = self._gate.add_insecure_port(settings.gate_listen)
+            self._admin_port = self._admin.add_insecure_port(settings.admin_listen)
+        else:
+            self._gate_port = self._gate.add_secure_port(settings.gate_listen, credentials)
+            self._admin_port = self._admin.add_secure_port(settings.admin_listen, credentials)
         self._metrics: WSGIServer | None = None
         self._stop_background = asyncio.Event()
         self._stop_leases = asyncio.Event()
@@ -120,6 +178,13 @@ class Sidecar:
             # An evicted account would be reloaded from the ledger without the
             # usage still waiting in its stream: refuse writes, never forget.
             log.warning("Redis maxmemory-policy is %r; balance-gate needs 'noeviction'", policy)
+        if self._admin_open:
+            # Settings allow this only on a loopback address (docs/security.md).
+            log.warning(
+                "the admin API on %s takes calls without a token: set"
+                " BALANCE_GATE_ADMIN_TOKENS or BALANCE_GATE_ADMIN_TOKEN_FILE",
+                self.app.settings.admin_listen,
+            )
         host, port = self.app.settings.metrics_address
         self._metrics, _ = start_http_server(port, addr=host)
         self._tasks = [

@@ -6,12 +6,15 @@ description that the README's settings table repeats.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from functools import cached_property
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from balance_gate.auth import parse_tokens, read_token_file
 from balance_gate.constants import MAX_REQUEST_MICROS_LIMIT, MIN_REQUEST_TTL_SECONDS
 
 
@@ -23,8 +26,21 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8 or ::1; a name other than localhost is not trusted."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BALANCE_GATE_", frozen=True, extra="ignore")
+    # hide_input_in_errors: a failed check would otherwise print every input, secrets too.
+    model_config = SettingsConfigDict(
+        env_prefix="BALANCE_GATE_", frozen=True, extra="ignore", hide_input_in_errors=True
+    )
 
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"),
@@ -39,6 +55,49 @@ class Settings(BaseSettings):
     )
     admin_listen: str = Field(
         default="127.0.0.1:50052", description="host:port of the operators' gRPC API (Admin)."
+    )
+    admin_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer tokens the admin API accepts, comma-separated (two during a"
+        " rotation); none and a loopback admin_listen: the admin API is open.",
+    )
+    admin_token_file: str = Field(
+        default="",
+        description="File of admin tokens, one per line (blank lines and # comments skipped),"
+        " read at start-up; added to admin_tokens.",
+    )
+    tls_cert_file: str = Field(
+        default="", description="PEM certificate chain both listeners serve; empty: plaintext."
+    )
+    tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field(
+        default="",
+        description="PEM CA certificates; set: both listeners require a client certificate"
+        " signed by one of them (mutual TLS).",
+    )
+    proxy_identities: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="JSON: client-certificate common names allowed on the gate port, each with"
+        ' the account id prefixes it may debit ("*": any); needs tls_client_ca_file.',
+    )
+    max_message_bytes: int = Field(
+        default=65_536,
+        ge=1_024,
+        le=64 * 1024 * 1024,
+        description="Largest message either listener receives and the gate sends.",
+    )
+    admin_max_send_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1_024,
+        le=1024 * 1024 * 1024,
+        description="Largest answer the admin API sends (its lists can be long).",
+    )
+    max_concurrent_streams: int = Field(
+        default=1_024,
+        ge=1,
+        le=100_000,
+        description="Calls open at once on one client connection (HTTP/2 streams); grpc"
+        " refuses more with UNAVAILABLE.",
     )
     metrics_listen: str = Field(
         default="127.0.0.1:9464", description="host:port serving Prometheus /metrics."
@@ -304,6 +363,50 @@ class Settings(BaseSettings):
     def _valid_address(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @model_validator(mode="after")
+    def _admin_token_off_loopback(self) -> Settings:
+        host = split_host_port(self.admin_listen)[0]
+        if not self.admin_token_values and not is_loopback(host):
+            raise ValueError(
+                f"admin_listen {self.admin_listen!r} is not a loopback address: set"
+                " BALANCE_GATE_ADMIN_TOKENS or BALANCE_GATE_ADMIN_TOKEN_FILE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_identities_need_client_certs(self) -> Settings:
+        if not self.proxy_identities:
+            return self
+        if not self.tls_client_ca_file:
+            raise ValueError("proxy_identities needs tls_client_ca_file (client certificates)")
+        for name, prefixes in self.proxy_identities.items():
+            if not name or not prefixes or not all(prefixes):
+                raise ValueError(
+                    f"proxy_identities[{name!r}]: needs a common name and a list of non-empty"
+                    ' account id prefixes ("*" for every account)'
+                )
+        return self
+
+    @cached_property
+    def admin_token_values(self) -> tuple[SecretStr, ...]:
+        """The admin tokens of admin_tokens and admin_token_file; read once."""
+        tokens = parse_tokens(self.admin_tokens.get_secret_value())
+        if self.admin_token_file:
+            tokens += read_token_file(self.admin_token_file)
+        return tuple(SecretStr(token) for token in tokens)
 
     @cached_property
     def gate_address(self) -> tuple[str, int]:

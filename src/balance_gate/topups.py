@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from decimal import ROUND_CEILING, ROUND_FLOOR
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from balance_gate import metrics, money, validation
 from balance_gate.accounts import Accounts
@@ -81,10 +81,7 @@ class TopUps:
 
     async def set_time_zone(self, account_id: str, time_zone: str) -> None:
         validation.check_id("account_id", account_id)
-        try:
-            ZoneInfo(time_zone)
-        except (ValueError, ZoneInfoNotFoundError):
-            raise InvalidArgument("time_zone", f"{time_zone!r} is not an IANA time zone") from None
+        validation.check_time_zone(time_zone)
         await self._store.set_time_zone(account_id, time_zone)
 
     async def set_billing_email(self, account_id: str, email: str) -> None:

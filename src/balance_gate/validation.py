@@ -7,6 +7,7 @@ regular expression, no allocation beyond what the checks need.
 from __future__ import annotations
 
 import re
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from balance_gate import currencies
 from balance_gate.constants import (
@@ -14,6 +15,7 @@ from balance_gate.constants import (
     MAX_CREDIT_MICROS,
     MAX_ID_BYTES,
     MAX_REASON_CHARS,
+    MAX_TIME_ZONE_CHARS,
 )
 from balance_gate.errors import InvalidArgument
 
@@ -80,3 +82,17 @@ def normalize_currency(value: str) -> str:
     if not currencies.is_known(value):
         raise InvalidArgument("currency", f"{value!r} is not a supported ISO 4217 currency code")
     return value
+
+
+def check_time_zone(value: str) -> None:
+    """An IANA time zone name such as 'Europe/Paris'.
+
+    The length is checked first: zoneinfo looks the name up as a file, and a name
+    too long for the file system is an OSError, not a ValueError.
+    """
+    if not value or len(value) > MAX_TIME_ZONE_CHARS or _CONTROL.search(value):
+        raise InvalidArgument("time_zone", "must be an IANA time zone such as 'Europe/Paris'")
+    try:
+        ZoneInfo(value)
+    except (ValueError, OSError, ZoneInfoNotFoundError):
+        raise InvalidArgument("time_zone", f"{value!r} is not an IANA time zone") from None

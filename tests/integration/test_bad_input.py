@@ -86,6 +86,20 @@ CASES: dict[str, tuple[Call, str]] = {
         lambda r, _: r.admin.GetAccount(admin_pb2.GetAccountRequest(account_id="")),
         "account_id",
     ),
+    # Found by test_fuzz_inputs: zoneinfo looked the name up as a file, and a name
+    # too long for the file system was OSError, answered UNAVAILABLE.
+    "time zone longer than a file name": (
+        lambda r, _: r.admin.SetAccountTimeZone(
+            admin_pb2.SetAccountTimeZoneRequest(account_id=ACCOUNT, time_zone="a" * 300)
+        ),
+        "time_zone",
+    ),
+    "time zone with a control character": (
+        lambda r, _: r.admin.SetAccountTimeZone(
+            admin_pb2.SetAccountTimeZoneRequest(account_id=ACCOUNT, time_zone="Europe/Paris\x00")
+        ),
+        "time_zone",
+    ),
 }
 
 
