@@ -69,7 +69,7 @@ async def secret_settings(
     try:
         yield with_settings(
             settings,
-            redis_url=f"redis://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{servers.redis.port}/0",
+            redis_url=f"redis://{REDIS_USER}:{REDIS_PASSWORD}@127.0.0.1:{servers.standalone_redis.port}/0",
             database_url=_with_password(settings.database_url.get_secret_value()),
             admin_tokens=ADMIN_TOKEN,
             admin_token_file=str(token_file),
