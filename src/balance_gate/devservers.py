@@ -236,18 +236,24 @@ class PostgresServer:
         """The postmaster's pid; its children are the backends."""
         return None if self._process is None else self._process.pid
 
-    @property
-    def _uid(self) -> int | None:
-        return None if self._user is None else self._user.pw_uid
+    def _as_server_user(self, args: list[str]) -> list[str]:
+        """`args`, run as the unprivileged user when we are root.
 
-    @property
-    def _gid(self) -> int | None:
-        return None if self._user is None else self._user.pw_gid
-
-    @property
-    def _extra_groups(self) -> list[int] | None:
-        # Drop root's supplementary groups along with root itself.
-        return None if self._user is None else []
+        setpriv switches users in its own (single-threaded) process. Asking
+        subprocess for user=/group= instead makes Python fork() the caller,
+        and a fork of a process running gRPC's threads crashed now and then
+        (SIGSEGV before exec, seen when a fault test restarted Postgres).
+        Without them, subprocess uses vfork and execs at once.
+        """
+        if self._user is None:
+            return args
+        return [
+            "setpriv",
+            f"--reuid={self._user.pw_uid}",
+            f"--regid={self._user.pw_gid}",
+            "--clear-groups",
+            *args,
+        ]
 
     def _prepare_directory(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +271,7 @@ class PostgresServer:
 
     def _initdb(self) -> None:
         subprocess.run(
-            [
+            self._as_server_user([
                 str(self.bindir / "initdb"),
                 "-D", str(self.data_dir),
                 "--username=postgres",
@@ -273,14 +279,11 @@ class PostgresServer:
                 "--no-locale",
                 "--encoding=UTF8",
                 *([] if self.durable else ["--no-sync"]),
-            ],
+            ]),
             check=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            user=self._uid,
-            group=self._gid,
-            extra_groups=self._extra_groups,
         )  # fmt: skip
 
     def start(self) -> None:
@@ -295,7 +298,7 @@ class PostgresServer:
             if self.durable
             else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         )
-        args = [
+        args = self._as_server_user([
             str(self.bindir / "postgres"),
             "-D", str(self.data_dir),
             "-p", str(self.port),
@@ -303,7 +306,7 @@ class PostgresServer:
             "-c", "unix_socket_directories=",
             "-c", "max_connections=200",
             *speed,
-        ]  # fmt: skip
+        ])  # fmt: skip
         with log.open("ab") as out:
             if self._user is not None:
                 os.chown(log, self._user.pw_uid, self._user.pw_gid)
@@ -313,9 +316,6 @@ class PostgresServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                user=self._uid,
-                group=self._gid,
-                extra_groups=self._extra_groups,
             )
         _wait_until(self._accepts_connections, "postgres", self._process, log)
 

@@ -201,7 +201,9 @@ class UsageFlusher:
         return len(entries)
 
     async def refresh_stats(self) -> None:
-        waiting, oldest_ms = await self._hot.usage_backlog()
-        metrics.USAGE_BACKLOG.set(waiting)
+        backlog = await self._hot.usage_backlog_by_shard()
+        metrics.USAGE_BACKLOG.set(backlog.waiting)
+        metrics.USAGE_BACKLOG_FULLEST_SHARD.set(backlog.fullest_shard)
+        oldest_ms = backlog.oldest_ms
         lag_s = 0.0 if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
         metrics.USAGE_FLUSH_LAG.set(lag_s)

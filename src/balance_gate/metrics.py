@@ -136,3 +136,12 @@ OUTAGE_REPLAYED = Counter(
     "Outage journal entries settled in Redis once it answered again, by kind: debit, void.",
     ["kind"],
 )
+USAGE_BACKLOG_FULLEST_SHARD = Gauge(
+    "balance_gate_usage_backlog_fullest_shard_events",
+    "Usage events in the fullest shard's stream; Authorize denies 'unavailable' once it"
+    " reaches balance_gate_usage_backlog_shard_limit_events (alert at half of it).",
+)
+USAGE_BACKLOG_SHARD_LIMIT = Gauge(
+    "balance_gate_usage_backlog_shard_limit_events",
+    "The usage_backlog_max setting: most usage events one shard's stream may hold.",
+)

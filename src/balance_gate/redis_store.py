@@ -86,6 +86,13 @@ class LeasedUse:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageBacklog:
+    waiting: int  # events in all usage streams (not yet in Postgres)
+    fullest_shard: int  # events in the fullest stream: the one usage_backlog_max bounds
+    oldest_ms: int | None  # Redis ms timestamp of the oldest event
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEntry:
     """A usage event as read from a shard's stream, not yet acknowledged."""
 
@@ -574,14 +581,18 @@ class RedisStore:
         Flushed events are deleted from their stream, so what a stream holds is
         exactly what Postgres does not have yet.
         """
+        backlog = await self.usage_backlog_by_shard()
+        return backlog.waiting, backlog.oldest_ms
+
+    async def usage_backlog_by_shard(self) -> UsageBacklog:
         pipe = self.client.pipeline(transaction=False)
         for stream in self.keys.all_usage_streams():
             pipe.xlen(stream)
             pipe.xrange(stream, count=1)
         replies = await execute_pipeline(self.client, pipe)
-        waiting = sum(replies[0::2])
+        lengths: list[int] = replies[0::2]
         oldest = [int(first[0][0].split(b"-")[0]) for first in replies[1::2] if first]
-        return waiting, min(oldest) if oldest else None
+        return UsageBacklog(sum(lengths), max(lengths), min(oldest) if oldest else None)
 
     def _entries(self, reply: list[list[Any]]) -> list[StreamEntry]:
         prefix_len = len(self.keys.prefix) + 2  # "<prefix>:{"

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from balance_gate import metrics
 from balance_gate.app import App
 from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
@@ -185,6 +186,7 @@ class Sidecar:
                 " BALANCE_GATE_ADMIN_TOKENS or BALANCE_GATE_ADMIN_TOKEN_FILE",
                 self.app.settings.admin_listen,
             )
+        metrics.USAGE_BACKLOG_SHARD_LIMIT.set(self.app.settings.usage_backlog_max)
         host, port = self.app.settings.metrics_address
         self._metrics, _ = start_http_server(port, addr=host)
         self._tasks = [

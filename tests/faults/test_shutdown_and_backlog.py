@@ -8,6 +8,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from balance_gate import metrics
 from balance_gate.app import App
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2_grpc
@@ -47,6 +48,8 @@ async def test_sigterm_goes_not_serving_first_then_flushes_everything_and_exits(
         recorded = await _recorded(settings.database_url.get_secret_value(), "acme")
         assert set(recorded) == set(seen.allowed)
         assert seen.allowed
+        audit = sidecar.cli("audit")
+        assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         await sidecar.close()
 
@@ -67,5 +70,7 @@ async def test_usage_backlog_bound_denies_unavailable_and_debits_nothing(
         hot = await app.hot.read_account("acme")
         assert hot is not None
         assert hot.balance_micros == USD - 5 * CENT
+        await app.flusher.refresh_stats()  # what the alert watches: 5 of 5
+        assert metrics.USAGE_BACKLOG_FULLEST_SHARD._value.get() == 5
     finally:
         await app.close()
