@@ -190,13 +190,13 @@ class Bench:
         print(_row(result), flush=True)
         return result
 
-    def redis_benchmark(self, redis_port: int, sha: str, keys: list[str]) -> None:
+    def redis_benchmark(self, redis_port: int, sha: str, keys: list[str], account: str) -> None:
         """The debit script itself, unpipelined and pipelined, each call a new request id."""
         tool = shutil.which("redis-benchmark")
         if tool is None:
             print("redis-benchmark not found (apt-get install redis-tools): skipped")
             return
-        script_args = ["1", "-1", "172800", "bench-0", "r__rand_int__", "", "600", "1000000000"]
+        script_args = ["1", "-1", "172800", account, "r__rand_int__", "", "600", "1000000000"]
         before = _balance(redis_port, keys[0])
         for label, pipeline in (("unpipelined", 1), ("pipelined_16", 16)):
             command = [
@@ -278,9 +278,11 @@ def run(scale: Scale, out_dir: Path) -> dict[str, Any]:
             _measure_workers(bench, redis, postgres, workers)
         _measure_leased(bench, redis, postgres)
         sha = _script_sha(redis.port)
-        # The real keys of a funded account, so every call is a real debit.
-        keys = list(Keys("bg").hot("bench-0").for_request("r__rand_int__"))
-        bench.redis_benchmark(redis.port, sha, keys)
+        # The real keys of a funded account that no load touched (so no sidecar
+        # holds a lease of it), so every call is a real debit.
+        account = f"bench-{scale.accounts}"
+        keys = list(Keys("bg").hot(account).for_request("r__rand_int__"))
+        bench.redis_benchmark(redis.port, sha, keys, account)
     finally:
         postgres.stop()
         redis.stop()
@@ -322,7 +324,8 @@ def _measure_workers(
         _process(gate_args, env, bench.work / f"gate-{w}.log", _serving(ports["gate"])) as gate,
         _process(noop_args, env, bench.work / f"noop-{w}.log", _serving(ports["noop"])) as noop,
     ):
-        asyncio.run(_fund(ports["admin"], scale.accounts))
+        # One more than the load uses: redis-benchmark's own account (never leased).
+        asyncio.run(_fund(ports["admin"], scale.accounts + 1))
         gen = max(1, workers)  # one generator process per server process
         targets = (("gate", ports["gate"], gate), ("noop", ports["noop"], noop))
         for name, port, pid in targets:
