@@ -28,6 +28,7 @@ class CircuitBreaker:
         self._threshold = failures
         self._open_s = open_s
         self._failures = 0
+        self._last_failed: int | None = None  # the pipeline of the last counted failure
         self._open_until: float | None = None  # None: closed
         self._probing = False
         self._owed = False
@@ -61,7 +62,13 @@ class CircuitBreaker:
         if (self._open_until is not None or self._owed) and self._recovering is None:
             self._recovering = asyncio.create_task(self._recover(), name="redis-recovery")
 
-    def failed(self) -> None:
+    def failed(self, pipeline: int | None) -> None:
+        """A call failed. Only sent calls count, and a pipeline once: a call that
+        timed out still queued here means this process is overloaded, not that
+        Redis is down, and the calls of one slow pipeline are one Redis failure."""
+        if pipeline is None or pipeline == self._last_failed:
+            return
+        self._last_failed = pipeline
         self._failures += 1
         if self._open_until is not None:
             if self._recovering is None:

@@ -136,11 +136,11 @@ class Gate:
     ) -> ScriptResult:
         """One authorize script call through the circuit breaker (HotUnavailable if not)."""
         if not self._breaker.admit():
-            raise HotUnavailable("redis circuit open", sent=False)
+            raise HotUnavailable("redis circuit open", pipeline=None)
         try:
             result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
-        except HotUnavailable:
-            self._breaker.failed()
+        except HotUnavailable as exc:
+            self._breaker.failed(exc.pipeline)
             raise
         self._breaker.answered()
         return result
@@ -227,7 +227,7 @@ class Gate:
         try:
             result = await self._hot.settle(account_id, request_id, amount_micros)
         except HotUnavailable as exc:
-            self._breaker.failed()
+            self._breaker.failed(exc.pipeline)
             raise Unavailable(f"{exc}; retry") from exc
         self._breaker.answered()
         return result

@@ -2,8 +2,9 @@
 
 fail_closed: deny with code 'unavailable'. A call that had already been sent
 when it timed out may still run in Redis and debit a request the proxy was
-told was denied: it is journaled as a *void* and settled to 0 once Redis is
-back, so the customer never pays for it.
+told was denied: it is journaled as a *void*: once Redis is back, it is settled
+to 0 if it ran, or fenced (recorded as settled at 0) so it never debits if it
+arrives later. The customer never pays for it.
 
 fail_open: allow, up to a budget per account for this outage, in this
 sidecar's memory. Each allowed request is journaled as a *debit* and charged
@@ -139,9 +140,15 @@ class OutageJournal:
             self._owed.clear()
 
     async def _void(self, account_id: str, request_id: str, amount_micros: int) -> None:
-        """Give back a debit the proxy never saw allowed (a settle to 0), if it happened."""
+        """Make sure a request the proxy was told was denied costs nothing.
+
+        Not run yet (it may still arrive late): fence it with a record settled
+        at 0, so it never debits. Ran: give the debit back (a settle to 0).
+        """
+        if await self._hot.fence_request(account_id, request_id, amount_micros):
+            return
         record = await self._hot.request_record(account_id, request_id)
-        if record != str(amount_micros):  # never ran, or already settled: nothing to undo
+        if record != str(amount_micros):  # already settled: nothing to undo
             return
         result = await self._hot.settle(account_id, request_id, 0)
         if result.code != ScriptCode.OK:

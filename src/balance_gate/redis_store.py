@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import itertools
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
@@ -104,16 +105,25 @@ class StreamEntry:
 class HotUnavailable(Exception):
     """A hot-path script call failed or timed out.
 
-    sent: the call had left for Redis, so it may have run (its outcome is unknown).
+    pipeline: the number of the pipeline that carried the call, None if it was
+    never sent. A sent call may have run: its outcome is unknown. Calls of one
+    pipeline fail together, and count as one failure of Redis.
     """
 
-    def __init__(self, message: str, *, sent: bool) -> None:
+    def __init__(self, message: str, *, pipeline: int | None) -> None:
         super().__init__(message)
-        self.sent = sent
+        self.pipeline = pipeline
+
+    @property
+    def sent(self) -> bool:
+        return self.pipeline is not None
+
+
+_pipelines = itertools.count(1)  # numbers the pipelines of every batcher
 
 
 class Call:
-    __slots__ = ("args", "keys", "reply", "sent")
+    __slots__ = ("args", "keys", "pipeline", "reply")
 
     def __init__(
         self, keys: Sequence[str], args: Sequence[str], reply: asyncio.Future[Any]
@@ -121,7 +131,7 @@ class Call:
         self.keys = keys
         self.args = args
         self.reply = reply
-        self.sent = False
+        self.pipeline: int | None = None  # set when sent
 
     async def result(self, timeout_s: float) -> Any:
         """The reply within timeout_s, or HotUnavailable (giving up cancels the call
@@ -129,9 +139,11 @@ class Call:
         try:
             return await asyncio.wait_for(self.reply, timeout_s)
         except TimeoutError:
-            raise HotUnavailable("redis did not answer in time", sent=self.sent) from None
+            raise HotUnavailable("redis did not answer in time", pipeline=self.pipeline) from None
         except (RedisError, OSError) as exc:
-            raise HotUnavailable(f"redis failed: {type(exc).__name__}", sent=self.sent) from exc
+            raise HotUnavailable(
+                f"redis failed: {type(exc).__name__}", pipeline=self.pipeline
+            ) from exc
 
 
 class ScriptBatcher:
@@ -152,9 +164,15 @@ class ScriptBatcher:
     """
 
     def __init__(
-        self, client: aioredis.Redis, source: str, max_batch: int, max_in_flight: int = 1
+        self,
+        client: aioredis.Redis,
+        source: str,
+        max_batch: int,
+        max_in_flight: int = 1,
+        timeout_s: float | None = None,
     ) -> None:
         self._client = client
+        self._timeout_s = timeout_s  # a pipeline unanswered this long fails (hot path)
         self._source = source
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         self._max_batch = max_batch
@@ -186,8 +204,9 @@ class ScriptBatcher:
             if self._queue:
                 self._schedule(asyncio.get_running_loop())
             return
+        number = next(_pipelines)
         for call in batch:
-            call.sent = True
+            call.pipeline = number
         task = asyncio.create_task(self._send(batch))
         self._sending.add(task)  # a reference until it is done, and the in-flight count
         task.add_done_callback(self._sent)
@@ -232,7 +251,11 @@ class ScriptBatcher:
             # Not pipe.evalsha: redis-py's cluster pipeline refuses that method, but
             # routes the raw command by its keys (all in one slot: keys.py).
             pipe.execute_command("EVALSHA", self._sha, len(call.keys), *call.keys, *call.args)
-        return await execute_pipeline(self._client, pipe, raise_on_error=False)
+        # Abandoning a pipeline drops its connection (redis-py disconnects on
+        # cancellation), so the next one does not queue behind a dead Redis.
+        return await asyncio.wait_for(
+            execute_pipeline(self._client, pipe, raise_on_error=False), self._timeout_s
+        )
 
 
 class RedisStore:
@@ -253,8 +276,12 @@ class RedisStore:
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
         self._trigger_ttl = str(trigger_ttl_seconds)
-        self._authorize = ScriptBatcher(client, script_source("authorize"), batch_max)
-        self._settle = ScriptBatcher(client, script_source("settle"), batch_max)
+        self._authorize = ScriptBatcher(
+            client, script_source("authorize"), batch_max, timeout_s=call_timeout_s
+        )
+        self._settle = ScriptBatcher(
+            client, script_source("settle"), batch_max, timeout_s=call_timeout_s
+        )
         self._apply_credit: AsyncScript = client.register_script(script_source("apply_credit"))
         self._sync: AsyncScript = client.register_script(script_source("sync_account"))
         self._ack = ScriptBatcher(client, script_source("ack_usage"), batch_max)
@@ -337,6 +364,20 @@ class RedisStore:
         return [bool(flag) for flag in await execute_pipeline(self.client, pipe)]
 
     # --- account state ----------------------------------------------------
+
+    async def fence_request(self, account_id: str, request_id: str, amount_micros: int) -> bool:
+        """Record a request as settled at 0 unless it has a record; True if it had none.
+
+        A call that may still reach Redis late then finds the record and
+        debits nothing (authorize.lua answers it as a replay).
+        """
+        fenced = await self.client.set(
+            self.keys.request(account_id, request_id),
+            f"{amount_micros}:0",
+            nx=True,
+            ex=int(self._request_ttl),
+        )
+        return bool(fenced)
 
     async def request_record(self, account_id: str, request_id: str) -> str | None:
         """A request's record: "<authorized>" or "<authorized>:<settled>"; None: unknown."""

@@ -127,10 +127,11 @@ async def test_a_slow_redis_within_the_timeout_changes_nothing(
         await assert_audit_clean(running.app)
 
 
-async def test_fail_closed_voids_a_debit_that_ran_after_its_timeout(
+async def test_fail_closed_never_charges_a_call_that_timed_out(
     gate_through_proxy: GateThroughProxy,
 ) -> None:
-    """The call reached Redis late: the proxy was told 'unavailable', so it is given back."""
+    """The call may reach Redis late; the proxy was told 'unavailable': once Redis
+    answers, the request is settled to 0 if it ran, or fenced if it had not yet."""
     async with gate_through_proxy(
         redis_fail_mode="fail_closed", redis_call_timeout_ms=100, breaker_failures=100
     ) as (running, proxy):
@@ -149,7 +150,7 @@ async def test_fail_closed_voids_a_debit_that_ran_after_its_timeout(
         assert account is not None
         assert account.balance_micros == 10 * USD - 1 - spent
         record = await running.app.hot.request_record("acme", late.request_id)
-        assert record == f"{USD}:0"  # it ran, late, and was settled to 0
+        assert record == f"{USD}:0"  # settled to 0, or fenced as settled at 0
         await assert_audit_clean(running.app)
 
 
@@ -171,4 +172,19 @@ async def test_settle_answers_unavailable_while_redis_is_cut(
         await _until_recovered(running, "acme", 1)
         settled = await running.gate.Settle(settle)  # the proxy's retry
         assert settled.balance_micros == 10 * USD - 500_000 - 1
+        await assert_audit_clean(running.app)
+
+
+async def test_a_fenced_request_that_arrives_late_debits_nothing(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    async with gate_through_proxy() as (running, _):
+        await fund_over_grpc(running.admin, "acme", USD)
+        assert await running.app.hot.fence_request("acme", "late-1", 1_000)
+        late = await running.gate.Authorize(authorize_request("acme", 1_000, "late-1"))
+        assert late.replayed  # it finds the fence: no debit
+        assert not await running.app.hot.fence_request("acme", "late-1", 1_000)
+        account = await running.app.hot.read_account("acme")
+        assert account is not None
+        assert account.balance_micros == USD
         await assert_audit_clean(running.app)

@@ -28,8 +28,11 @@ from balance_gate.app import smtp_config
 from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2_grpc
-from tests.conftest import Servers, serving
+from tests.conftest import CLUSTER, Servers, serving
 from tests.helpers import USD, authorize_request, rid, sidecar_env, wait_serving, with_settings
+
+# A Redis ACL user with a password is set up on one standalone server.
+pytestmark = pytest.mark.skipif(CLUSTER, reason="needs a standalone Redis")
 
 MARK = "s3cr3t"
 ADMIN_TOKEN = f"{MARK}-admin-env-0123456789"
