@@ -89,10 +89,13 @@ async def test_sidecar_killed_under_load_loses_and_doubles_nothing(
         load.start()
         await load.until_calls(300)
         sidecar.kill()
+        killed_at = time.monotonic()
         await load.until_calls(20)  # calls meet a dead sidecar
         await sidecar.start()
+        down_s = time.monotonic() - killed_at
         await load.until_calls(300)
         seen = await load.stop()
+        unanswered = len(seen.unanswered)
         await load.retry_unanswered()
 
         dsn = settings.database_url.get_secret_value()
@@ -100,6 +103,10 @@ async def test_sidecar_killed_under_load_loses_and_doubles_nothing(
         recorded = await _recorded(dsn, "acme")
         assert set(recorded) == set(seen.allowed)  # nothing lost, nothing unasked-for
         assert set(recorded.values()) == {1}  # each exactly once
+        print(
+            f"sidecar kill -9: {seen.calls} calls, {len(seen.allowed)} allowed,"
+            f" {unanswered} unanswered and retried, down {down_s:.2f}s"
+        )
         await _assert_each_top_up_charged_once(dsn, "acme")
         _assert_audit_clean(sidecar)
     finally:
