@@ -136,6 +136,7 @@ class App:
                 settings.fail_open_budget_micros,
                 settings.fail_open_max_requests,
                 holder=f"outage-{consumer_name()}",
+                exists=accounts.ensure_loaded,
             ),
             leases,
             recall_wait_s=settings.lease_recall_wait_ms / 1000,

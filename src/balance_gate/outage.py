@@ -19,11 +19,13 @@ fail_open debits (at most budget x accounts it served; docs/reliability.md).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from balance_gate import metrics
 from balance_gate.constants import DenyCode, ScriptCode
+from balance_gate.errors import FailedPrecondition
 from balance_gate.redis_store import LeasedUse, RedisStore
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,19 @@ _DENIED = OutageDecision(False, DenyCode.UNAVAILABLE)
 
 class OutageJournal:
     def __init__(
-        self, hot: RedisStore, mode: FailMode, budget_micros: int, max_requests: int, holder: str
+        self,
+        hot: RedisStore,
+        mode: FailMode,
+        budget_micros: int,
+        max_requests: int,
+        holder: str,
+        exists: Callable[[str], Awaitable[bool]],
     ) -> None:
         self._hot = hot
+        # Loads an account into Redis; False: there is no such account. A debit of
+        # an unknown account must never reach the usage stream (Postgres would
+        # refuse it, and the flusher with it).
+        self._exists = exists
         self._mode = mode
         self._budget = budget_micros
         self._max_requests = max_requests
@@ -81,7 +93,11 @@ class OutageJournal:
         owed = self._owed.setdefault(account_id, _Owed())
         known = owed.debits.get(request_id)
         if known is not None:  # a retry during the outage: the same answer, charged once
-            return OutageDecision(known.amount_micros == amount_micros, "", replayed=True)
+            if known.amount_micros != amount_micros:
+                raise FailedPrecondition(
+                    "request_id: already authorized with a different amount_micros"
+                )
+            return OutageDecision(True, "", replayed=True)
         if owed.spent_micros + amount_micros > self._budget or self._entries >= self._max_requests:
             return self._denied()
         owed.debits[request_id] = LeasedUse(request_id, amount_micros, capability)
@@ -117,6 +133,14 @@ class OutageJournal:
     async def _replay_once(self) -> int:
         settled = 0
         for account_id, owed in list(self._owed.items()):
+            if owed.debits and not await self._exists(account_id):
+                log.warning(
+                    "outage journal: %d requests of unknown account %r dropped",
+                    len(owed.debits),
+                    account_id,
+                )
+                self._count(-len(owed.debits))
+                owed.debits.clear()
             while owed.debits:
                 chunk = list(owed.debits.values())[:_REPLAY_CHUNK]
                 await self._hot.lease_report(self._holder, account_id, chunk, 1, return_all=False)

@@ -102,6 +102,10 @@ async def test_fail_open_allows_up_to_the_budget_and_debits_once_redis_is_back(
         assert first.allowed
         assert again.allowed
         assert again.replayed
+        changed = authorize_request("beta", 8_000, request_id=retry.request_id)
+        with pytest.raises(grpc.aio.AioRpcError) as mismatch:
+            await running.gate.Authorize(changed, timeout=DEADLINE_S)
+        assert mismatch.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
         proxy.set("pass")
         recovered = await _until_recovered(running, "beta", 1)
@@ -188,3 +192,23 @@ async def test_a_fenced_request_that_arrives_late_debits_nothing(
         assert account is not None
         assert account.balance_micros == USD
         await assert_audit_clean(running.app)
+
+
+async def test_fail_open_debits_of_an_unknown_account_never_reach_the_ledger(
+    gate_through_proxy: GateThroughProxy,
+) -> None:
+    """Without Redis the gate cannot tell an unknown account: it allows within the
+    budget, and drops those debits on replay instead of wedging the flusher."""
+    async with gate_through_proxy(redis_fail_mode="fail_open", **FAST) as (running, proxy):
+        await fund_over_grpc(running.admin, "acme", USD)
+        proxy.set("reset")
+        ghost = await running.gate.Authorize(authorize_request("ghost", 1_000), timeout=DEADLINE_S)
+        real = await running.gate.Authorize(authorize_request("acme", 1_000), timeout=DEADLINE_S)
+        assert ghost.allowed
+        assert real.allowed
+        proxy.set("pass")
+        recovered = await _until_recovered(running, "acme", 1)
+        account = await running.app.hot.read_account("acme")
+        assert account is not None
+        assert account.balance_micros == USD - 1_000 - recovered
+        await assert_audit_clean(running.app)  # the flusher recorded acme's usage
