@@ -23,6 +23,7 @@ from balance_gate.lots import LotExpiry
 from balance_gate.outage import OutageJournal
 from balance_gate.payments import PaymentGateway, SandboxGateway
 from balance_gate.postgres_store import PostgresStore
+from balance_gate.prefixes import AccountPrefixes
 from balance_gate.redis_client import is_cluster, redis_client
 from balance_gate.redis_store import RedisStore
 from balance_gate.refunds import Refunds
@@ -57,11 +58,11 @@ def smtp_config(settings: Settings) -> SmtpConfig | None:
 
 
 def lease_manager(settings: Settings, hot: RedisStore) -> LeaseManager | None:
-    prefixes = tuple(p.strip() for p in settings.lease_accounts.split(",") if p.strip())
+    prefixes = AccountPrefixes.parse(settings.lease_accounts)
     if not prefixes:
         return None
     config = LeaseConfig(
-        accounts=prefixes,
+        accounts=prefixes.prefixes,
         min_rate_per_s=settings.lease_min_rate,
         horizon_s=settings.lease_horizon_ms / 1000,
         ttl_ms=settings.lease_ttl_ms,
@@ -121,6 +122,7 @@ class App:
             settings.redis_batch_max,
             call_timeout_s=settings.redis_call_timeout_ms / 1000,
             backlog_max=settings.usage_backlog_max,
+            low_balance_micros=settings.low_balance_warning_micros,
         )
         pg = PostgresStore(pool)
         accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
@@ -139,6 +141,7 @@ class App:
                 exists=accounts.ensure_loaded,
             ),
             leases,
+            shadow=AccountPrefixes.parse(settings.shadow_accounts),
             recall_wait_s=settings.lease_recall_wait_ms / 1000,
             recall_poll_s=settings.lease_report_interval_ms / 1000,
         )

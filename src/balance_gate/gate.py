@@ -20,6 +20,7 @@ from balance_gate.constants import DenyCode, ScriptCode
 from balance_gate.errors import FailedPrecondition, NotFound, Unavailable
 from balance_gate.leases import LeaseManager
 from balance_gate.outage import OutageJournal
+from balance_gate.prefixes import NO_ACCOUNTS, AccountPrefixes
 from balance_gate.redis_store import HotUnavailable, RedisStore, ScriptResult
 from balance_gate.validation import check_capability, check_id, check_request_amount
 
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
-    code: str  # "" when allowed, else a DenyCode
+    code: str  # "" when allowed, else a DenyCode (in shadow mode: the would-be denial)
     balance_micros: int
     replayed: bool = False
+    low_balance: bool = False  # allowed, under the warning level, no top-up coming
+    shadow: bool = False  # shadow mode allowed what the gate would have denied
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Gate:
         breaker: CircuitBreaker,
         outage: OutageJournal,
         leases: LeaseManager | None = None,
+        shadow: AccountPrefixes = NO_ACCOUNTS,
         recall_wait_s: float = 0.25,
         recall_poll_s: float = 0.02,
     ) -> None:
@@ -73,10 +77,17 @@ class Gate:
         self._accounts = accounts
         self._max_request_micros = max_request_micros
         self._leases = leases
+        self._shadow = shadow
         self._recall_wait_s = recall_wait_s
         self._recall_poll_s = recall_poll_s
 
     async def authorize(
+        self, account_id: str, request_id: str, amount_micros: int, capability: str
+    ) -> Decision:
+        decision = await self._decide(account_id, request_id, amount_micros, capability)
+        return self._shadowed(account_id, decision)  # counted above as what it was
+
+    async def _decide(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
     ) -> Decision:
         started = time.perf_counter()
@@ -174,7 +185,9 @@ class Gate:
     @staticmethod
     def _decision(result: ScriptResult) -> Decision:
         if result.code == ScriptCode.OK:
-            return Decision(True, "", result.balance_micros, result.replayed)
+            return Decision(
+                True, "", result.balance_micros, result.replayed, low_balance=result.low_balance
+            )
         if result.code == ScriptCode.AMOUNT_MISMATCH:
             raise FailedPrecondition(
                 "request_id: already authorized with a different amount_micros"
@@ -184,11 +197,17 @@ class Gate:
             raise Unavailable("account state is being rebuilt; retry")
         return Decision(False, denial, result.balance_micros)
 
-    @staticmethod
-    def _decided(started: float, decision: Decision) -> Decision:
+    def _decided(self, started: float, decision: Decision) -> Decision:
         _DECISION_COUNTERS["allowed" if decision.allowed else decision.code].inc()
         metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - started)
         return decision
+
+    def _shadowed(self, account_id: str, decision: Decision) -> Decision:
+        """Shadow mode: a denial is counted as one (above), then answered allowed."""
+        if decision.allowed or not self._shadow or not self._shadow.covers(account_id):
+            return decision
+        metrics.SHADOW_ALLOWED.labels(decision.code).inc()
+        return Decision(True, decision.code, decision.balance_micros, shadow=True)
 
     async def settle(self, account_id: str, request_id: str, amount_micros: int) -> Settlement:
         check_id("account_id", account_id)

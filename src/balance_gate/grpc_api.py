@@ -110,6 +110,8 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
             balance_micros=decision.balance_micros,
             replayed=decision.replayed,
             request_id=request.request_id,
+            low_balance=decision.low_balance,
+            shadow=decision.shadow,
         )
 
     @rpc

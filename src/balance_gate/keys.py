@@ -8,6 +8,7 @@
     <prefix>:{<shard>}:topups                               top-up trigger stream of the shard
     <prefix>:{<shard>}:lease:<account_id>                   hash: holder -> "<amount>:<expiry ms>"
     <prefix>:{<shard>}:take:<refund:id | expiry:lot:n>      the micros a lot take took
+    <prefix>:{<shard>}:capped:<account_id>                  "auto top-up capped for now" flag
 
 The length prefix in request keys keeps ("a:b", "c") and ("a", "b:c") apart:
 ids may contain ':' and a collision would replay another account's decision.
@@ -37,8 +38,9 @@ class HotKeys:
     top_up_flag: str
     top_up_stream: str
     leases: str
+    capped_flag: str
 
-    def for_request(self, request_id: str) -> tuple[str, str, str, str, str, str]:
+    def for_request(self, request_id: str) -> tuple[str, str, str, str, str, str, str]:
         """KEYS of the authorize and settle scripts, in their order."""
         return (
             self.account,
@@ -47,6 +49,7 @@ class HotKeys:
             self.top_up_flag,
             self.top_up_stream,
             self.leases,
+            self.capped_flag,
         )
 
 
@@ -81,6 +84,9 @@ class Keys:
     def top_up_flag(self, account_id: str) -> str:
         return f"{self.prefix}:{{{shard_of(account_id)}}}:topup:{account_id}"
 
+    def capped_flag(self, account_id: str) -> str:
+        return f"{self.prefix}:{{{shard_of(account_id)}}}:capped:{account_id}"
+
     def top_up_stream(self, shard: int) -> str:
         return f"{self.prefix}:{{{shard}}}:topups"
 
@@ -109,6 +115,7 @@ def _hot_keys(keys: Keys, account_id: str) -> HotKeys:
         top_up_flag=keys.top_up_flag(account_id),
         top_up_stream=keys.top_up_stream(shard),
         leases=keys.leases(account_id),
+        capped_flag=keys.capped_flag(account_id),
     )
 
 

@@ -145,3 +145,8 @@ USAGE_BACKLOG_SHARD_LIMIT = Gauge(
     "balance_gate_usage_backlog_shard_limit_events",
     "The usage_backlog_max setting: most usage events one shard's stream may hold.",
 )
+SHADOW_ALLOWED = Counter(
+    "balance_gate_shadow_allowed",
+    "Shadow mode: requests the gate would have denied, by code, and allowed anyway.",
+    ["code"],
+)

@@ -54,6 +54,8 @@ class ScriptResult:
     value: int = 0
     # Authorize and Settle: this request_id was already decided/settled.
     replayed: bool = False
+    # Authorize: allowed, and under the warning level with no top-up coming.
+    low_balance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +271,12 @@ class RedisStore:
         *,
         call_timeout_s: float = 1.0,
         backlog_max: int = 20_000,
+        low_balance_micros: int = 0,
     ) -> None:
         self.client = client
         self._call_timeout_s = call_timeout_s
         self._backlog_max = str(backlog_max)
+        self._low_balance = str(low_balance_micros)
         self.keys = Keys(key_prefix)
         self._request_ttl = str(request_ttl_seconds)
         self._trigger_ttl = str(trigger_ttl_seconds)
@@ -307,9 +311,11 @@ class RedisStore:
                 capability,
                 self._trigger_ttl,
                 self._backlog_max,
+                self._low_balance,
             ),
         ).result(self._call_timeout_s)
-        return ScriptResult(reply[0], reply[1], replayed=reply[2] == 1)
+        low = len(reply) > 3 and reply[3] == 1
+        return ScriptResult(reply[0], reply[1], replayed=reply[2] == 1, low_balance=low)
 
     async def settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
         reply = await self._settle.call(
@@ -471,6 +477,15 @@ class RedisStore:
                 args=["at_on", "1" if on else "0", "at_thr", str(threshold_micros)],
             )
         )
+
+    async def mark_top_up_capped(self, account_id: str, seconds: float) -> None:
+        """Auto top-up hit its daily or monthly cap: for `seconds` (renewed by each
+        capped trigger), allowed answers under the threshold carry low_balance."""
+        flag = self.keys.capped_flag(account_id)
+        if seconds <= 0:
+            await self.client.delete(flag)
+        else:
+            await self.client.set(flag, "1", px=max(1, int(seconds * 1000)))
 
     async def hold_top_up_trigger(self, account_id: str, seconds: float) -> None:
         """Keep new triggers off for a while (retry interval, P10); 0 re-arms at once."""

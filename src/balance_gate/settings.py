@@ -264,6 +264,53 @@ class Settings(BaseSettings):
         le=10_000,
         description="Most Authorize/Settle scripts sent to Redis in one pipeline.",
     )
+    http_authz_listen: str = Field(
+        default="",
+        description="host:port of the plain HTTP Authorize endpoint for nginx auth_request,"
+        " Traefik forwardAuth, Caddy forward_auth, HAProxy (docs/http-proxies.md); empty: off.",
+    )
+    authz_account_key: str = Field(
+        default="x-balance-account",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="ext_authz and HTTP endpoint: the header (or Envoy context_extensions"
+        " key, which wins) naming the account to debit.",
+    )
+    authz_request_id_key: str = Field(
+        default="x-request-id",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="ext_authz and HTTP endpoint: the header or context key of the request"
+        " id (Envoy sets x-request-id on every request).",
+    )
+    authz_cost_key: str = Field(
+        default="x-balance-cost-micros",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="ext_authz and HTTP endpoint: the header or context key of the estimated"
+        " cost in micro-USD.",
+    )
+    authz_capability_key: str = Field(
+        default="x-balance-capability",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="ext_authz and HTTP endpoint: the header or context key of the capability.",
+    )
+    authz_default_cost_micros: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_REQUEST_MICROS_LIMIT,
+        description="ext_authz and HTTP endpoint: the cost when the request names none.",
+    )
+    low_balance_warning_micros: int = Field(
+        default=1_000_000,
+        ge=0,
+        le=MAX_REQUEST_MICROS_LIMIT,
+        description="An allowed answer carries low_balance once the balance is under this"
+        " while auto top-up is off or paused (armed: under its threshold while capped).",
+    )
+    shadow_accounts: str = Field(
+        default="",
+        description="Shadow mode: comma-separated account id prefixes ('*' for all) whose"
+        " requests are decided and counted as usual but always allowed; a would-be denial"
+        " answers allowed with shadow=true and its code, and debits nothing.",
+    )
     redis_fail_mode: Literal["fail_closed", "fail_open"] = Field(
         default="fail_closed",
         description="When Redis does not answer: fail_closed denies with code 'unavailable';"
@@ -353,10 +400,19 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _workers_need_fixed_ports(self) -> Settings:
         if self.workers > 1:
-            for name in ("gate_listen", "admin_listen", "metrics_listen"):
+            names = ["gate_listen", "admin_listen", "metrics_listen"]
+            names += ["http_authz_listen"] if self.http_authz_listen else []
+            for name in names:
                 if split_host_port(getattr(self, name))[1] == 0:
                     raise ValueError(f"{name}: workers > 1 needs a fixed port, not 0")
         return self
+
+    @field_validator("http_authz_listen")
+    @classmethod
+    def _optional_address(cls, value: str) -> str:
+        if value:
+            split_host_port(value)
+        return value
 
     @field_validator("gate_listen", "admin_listen", "metrics_listen")
     @classmethod

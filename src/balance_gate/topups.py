@@ -128,6 +128,7 @@ class TopUps:
             settings = await self._store.auto_top_up(account_id)
             assert settings is not None
             armed = settings.enabled and not settings.paused
+            await self._hot.mark_top_up_capped(account_id, 0)  # new caps: judged anew
             await self._hot.set_auto_top_up(account_id, armed, trigger_usd)
             await self._hot.hold_top_up_trigger(account_id, 0)
 
@@ -205,6 +206,7 @@ class TopUps:
         if done.status == "succeeded":
             # P5: a manual top-up lifts a cap hold; the next dip may trigger at once.
             await self._hot.hold_top_up_trigger(account_id, 0)
+            await self._hot.mark_top_up_capped(account_id, 0)
         return done
 
     # --- auto top-up ----------------------------------------------------------
@@ -232,6 +234,9 @@ class TopUps:
             # Capped or covered: look again after the retry interval, not per request.
             hold_s = 0.0 if reason == "above_threshold" else retry_interval_s
             await self._hot.hold_top_up_trigger(account_id, hold_s)
+            if reason in ("daily_cap", "monthly_cap"):
+                # Renewed by every capped trigger; outlives the hold that spaces them.
+                await self._hot.mark_top_up_capped(account_id, 2 * retry_interval_s + 60)
             return reason
         return await self.finish_auto(plan.top_up, retry_interval_s)
 
@@ -249,6 +254,7 @@ class TopUps:
         if done.status == "succeeded":
             await self._store.record_auto_outcome(top_up.account_id, None)
             await self._hot.hold_top_up_trigger(top_up.account_id, 0)
+            await self._hot.mark_top_up_capped(top_up.account_id, 0)
             return "succeeded"
         reason = done.decline_reason or "declined"
         if await self._store.record_auto_outcome(top_up.account_id, reason):

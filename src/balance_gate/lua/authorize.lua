@@ -8,6 +8,7 @@
   KEYS[4] the account's "top-up triggered" flag (expires: a lost trigger never blocks)
   KEYS[5] top-up trigger stream of the account's shard
   KEYS[6] the account's lease hash (holder -> "<amount>:<expiry ms>")
+  KEYS[7] the account's "auto top-up capped for now" flag (set by the top-up worker)
 
   ARGV[1] amount (decimal integer string, >= 0, <= 2^53-1)
   ARGV[2] the amount negated, as a string (never "-0": HINCRBY rejects it)
@@ -15,6 +16,7 @@
   ARGV[4] account_id      ARGV[5] request_id      ARGV[6] capability
   ARGV[7] lifetime of a trigger flag in seconds
   ARGV[8] most entries the usage stream may hold (Postgres away: usage waits there)
+  ARGV[9] the low-balance warning level when auto top-up is off or paused
 
   Balances returned are what the customer holds: balance + leased. A request
   is paid while the balance stays at or above 'floor' (0, or minus the credit
@@ -23,7 +25,11 @@
   when at_on = '1') raises ONE trigger: only if the flag was not set. A denial
   raises it too (P9: the request fails, the top-up still starts).
 
-  Returns {code, balance, replayed}
+  An allowed request that leaves the balance under the warning level with no
+  top-up coming says so (low = 1): under at_thr while auto top-up is armed but
+  capped (KEYS[7]), or under ARGV[9] while it is off or paused.
+
+  Returns {code, balance, replayed, low}
     0  OK                    allowed (replayed = 1 when the request_id was already allowed)
     1  INSUFFICIENT_BALANCE  nothing debited, nothing recorded
     2  ACCOUNT_DISABLED      nothing debited, nothing recorded
@@ -112,4 +118,12 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ARGV[5], 'm', ARGV[1], 'c', ARGV[6])
 maybe_trigger(balance + leased)
-return {0, balance + leased, 0}
+local low = 0
+if account[3] == '1' then
+  if balance + leased < tonumber(account[4]) and redis.call('EXISTS', KEYS[7]) == 1 then
+    low = 1
+  end
+elseif balance + leased < tonumber(ARGV[9]) then
+  low = 1
+end
+return {0, balance + leased, 0, low}

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61lance_gate/v1/gate.proto\x12\x0f\x62\x61lance_gate.v1\"e\n\x10\x41uthorizeRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x12\n\ncapability\x18\x04 \x01(\t\"\x9d\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0estatus_message\x18\x07 \x01(\t\"N\n\rSettleRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\"P\n\x0eSettleResponse\x12\x16\n\x0e\x62\x61lance_micros\x18\x01 \x01(\x03\x12\x14\n\x0c\x64\x65lta_micros\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x32\x8a\x02\n\x0b\x42\x61lanceGate\x12R\n\tAuthorize\x12!.balance_gate.v1.AuthorizeRequest\x1a\".balance_gate.v1.AuthorizeResponse\x12\\\n\x0f\x41uthorizeStream\x12!.balance_gate.v1.AuthorizeRequest\x1a\".balance_gate.v1.AuthorizeResponse(\x01\x30\x01\x12I\n\x06Settle\x12\x1e.balance_gate.v1.SettleRequest\x1a\x1f.balance_gate.v1.SettleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61lance_gate/v1/gate.proto\x12\x0f\x62\x61lance_gate.v1\"e\n\x10\x41uthorizeRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\x12\x12\n\ncapability\x18\x04 \x01(\t\"\xc2\x01\n\x11\x41uthorizeResponse\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\x16\n\x0estatus_message\x18\x07 \x01(\t\x12\x13\n\x0blow_balance\x18\x08 \x01(\x08\x12\x0e\n\x06shadow\x18\t \x01(\x08\"N\n\rSettleRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x15\n\ramount_micros\x18\x03 \x01(\x03\"P\n\x0eSettleResponse\x12\x16\n\x0e\x62\x61lance_micros\x18\x01 \x01(\x03\x12\x14\n\x0c\x64\x65lta_micros\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x32\x8a\x02\n\x0b\x42\x61lanceGate\x12R\n\tAuthorize\x12!.balance_gate.v1.AuthorizeRequest\x1a\".balance_gate.v1.AuthorizeResponse\x12\\\n\x0f\x41uthorizeStream\x12!.balance_gate.v1.AuthorizeRequest\x1a\".balance_gate.v1.AuthorizeResponse(\x01\x30\x01\x12I\n\x06Settle\x12\x1e.balance_gate.v1.SettleRequest\x1a\x1f.balance_gate.v1.SettleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTHORIZEREQUEST']._serialized_start=47
   _globals['_AUTHORIZEREQUEST']._serialized_end=148
   _globals['_AUTHORIZERESPONSE']._serialized_start=151
-  _globals['_AUTHORIZERESPONSE']._serialized_end=308
-  _globals['_SETTLEREQUEST']._serialized_start=310
-  _globals['_SETTLEREQUEST']._serialized_end=388
-  _globals['_SETTLERESPONSE']._serialized_start=390
-  _globals['_SETTLERESPONSE']._serialized_end=470
-  _globals['_BALANCEGATE']._serialized_start=473
-  _globals['_BALANCEGATE']._serialized_end=739
+  _globals['_AUTHORIZERESPONSE']._serialized_end=345
+  _globals['_SETTLEREQUEST']._serialized_start=347
+  _globals['_SETTLEREQUEST']._serialized_end=425
+  _globals['_SETTLERESPONSE']._serialized_start=427
+  _globals['_SETTLERESPONSE']._serialized_end=507
+  _globals['_BALANCEGATE']._serialized_start=510
+  _globals['_BALANCEGATE']._serialized_end=776
 # @@protoc_insertion_point(module_scope)

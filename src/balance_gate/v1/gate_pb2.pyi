@@ -61,11 +61,15 @@ class AuthorizeResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     code: _builtins.str
     """"" when allowed; otherwise a stable lowercase code:
-    insufficient_balance, account_not_found, account_disabled, and under a
-    credit line's stop-loss: capability_blocked, rate_limited.
+    insufficient_balance, account_not_found, account_disabled, unavailable,
+    and under a credit line's stop-loss: capability_blocked, rate_limited.
+    In shadow mode an allowed answer carries the code it would have been
+    denied with (see shadow).
     """
     balance_micros: _builtins.int
     """The balance after this decision."""
@@ -81,6 +85,15 @@ class AuthorizeResponse(_message.Message):
     e.g. 3 = INVALID_ARGUMENT, 14 = UNAVAILABLE; allowed is then false.
     """
     status_message: _builtins.str
+    low_balance: _builtins.bool
+    """Allowed, but the balance is now under the warning level and no top-up
+    will lift it (auto top-up off, paused, or capped for now): the proxy may
+    warn its user before requests start being denied.
+    """
+    shadow: _builtins.bool
+    """Shadow mode (a setting): the gate would have denied this request with
+    `code`, and allowed it anyway. Nothing was debited for it.
+    """
     def __init__(
         self,
         *,
@@ -91,10 +104,12 @@ class AuthorizeResponse(_message.Message):
         request_id: _builtins.str = ...,
         status_code: _builtins.int = ...,
         status_message: _builtins.str = ...,
+        low_balance: _builtins.bool = ...,
+        shadow: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "balance_micros", b"balance_micros", "code", b"code", "replayed", b"replayed", "request_id", b"request_id", "status_code", b"status_code", "status_message", b"status_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "balance_micros", b"balance_micros", "code", b"code", "low_balance", b"low_balance", "replayed", b"replayed", "request_id", b"request_id", "shadow", b"shadow", "status_code", b"status_code", "status_message", b"status_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
