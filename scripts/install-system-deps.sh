@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Find, or install with apt-get (when root), what balance-gate needs from the OS:
-# Python >= 3.11 with venv, redis-server, and the PostgreSQL server binaries.
+# Python >= 3.11 with venv, redis-server, the PostgreSQL server binaries, and nginx
+# (for the tests).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -23,6 +24,9 @@ if ! { command -v initdb >/dev/null && command -v postgres >/dev/null; } \
     missing+=(postgresql)
 fi
 
+# The tests run a real nginx in front of the gate (auth_request); it is never served.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -41,4 +45,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The tests start nginx themselves, on free ports: the package's own service, which
+# would take port 80, stays off.
+if [[ " ${missing[*]} " == *" nginx "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+fi
 echo "Installed: ${missing[*]}"

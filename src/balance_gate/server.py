@@ -25,11 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from balance_gate import metrics
+from balance_gate import ext_authz, metrics
 from balance_gate.app import App
 from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
-from balance_gate.settings import Settings
+from balance_gate.http_authz import AuthzKeys, HttpAuthz
+from balance_gate.settings import Settings, split_host_port
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,11 @@ class Listening:
     gate_port: int
     admin_port: int
     metrics_port: int
+    http_authz_port: int | None = None  # the HTTP endpoint, when HTTP_AUTHZ_LISTEN is set
 
 
 def _listener(
-    service: str,
+    services: Sequence[str],
     add: Callable[[grpc.aio.Server], None],
     *,
     reuse_port: bool,
@@ -117,7 +119,7 @@ def _listener(
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection(
         [
-            service,
+            *services,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -132,17 +134,24 @@ class Sidecar:
         settings = app.settings
         reuse_port = settings.workers > 1
         identities = ProxyIdentities(settings.proxy_identities)
+        authz_keys = AuthzKeys.from_settings(settings)
+
+        def add_gate_services(server: grpc.aio.Server) -> None:
+            gate_pb2_grpc.add_BalanceGateServicer_to_server(
+                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities), server
+            )
+            ext_authz.add_to_server(server, app.gate, authz_keys, identities)
+
         self._gate, self._gate_health = _listener(
-            GATE_SERVICE,
-            lambda s: gate_pb2_grpc.add_BalanceGateServicer_to_server(
-                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities), s
-            ),
+            [GATE_SERVICE, ext_authz.SERVICE_NAME],
+            add_gate_services,
             reuse_port=reuse_port,
             limits=ServerLimits.gate(settings),
         )
+        self._http_authz = HttpAuthz(app.gate, authz_keys) if settings.http_authz_listen else None
         tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
-            ADMIN_SERVICE,
+            [ADMIN_SERVICE],
             lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
                 AdminServicer(
                     app.accounts,
@@ -211,12 +220,20 @@ class Sidecar:
         ):
             await checker.set("", health_pb2.HealthCheckResponse.SERVING)
             await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
-        return Listening(self._gate_port, self._admin_port, self._metrics.server_port)
+        http_port = None
+        if self._http_authz is not None:
+            host, port = split_host_port(self.app.settings.http_authz_listen)
+            http_port = await self._http_authz.start(
+                host, port, reuse_port=self.app.settings.workers > 1
+            )
+        return Listening(self._gate_port, self._admin_port, self._metrics.server_port, http_port)
 
     async def stop(self) -> None:
         grace_s = self.app.settings.shutdown_grace_ms / 1000
         await self._gate_health.enter_graceful_shutdown()
         await self._admin_health.enter_graceful_shutdown()
+        if self._http_authz is not None:
+            await self._http_authz.stop()
         await asyncio.gather(self._gate.stop(grace_s), self._admin.stop(grace_s))
         # Requests decided without Redis are settled in it before the flusher drains.
         await self.app.gate.settle_outage()
