@@ -196,8 +196,6 @@ class Sidecar:
                 self.app.settings.admin_listen,
             )
         metrics.USAGE_BACKLOG_SHARD_LIMIT.set(self.app.settings.usage_backlog_max)
-        host, port = self.app.settings.metrics_address
-        self._metrics, _ = start_http_server(port, addr=host)
         self._tasks = [
             asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
             asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
@@ -226,6 +224,9 @@ class Sidecar:
             http_port = await self._http_authz.start(
                 host, port, reuse_port=self.app.settings.workers > 1
             )
+        # Last: a worker whose /metrics answers is serving every port (tests wait on it).
+        host, port = self.app.settings.metrics_address
+        self._metrics, _ = start_http_server(port, addr=host)
         return Listening(self._gate_port, self._admin_port, self._metrics.server_port, http_port)
 
     async def stop(self) -> None:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,19 @@ def two_workers(
         log.close()
 
 
+async def _metrics_answer(metrics_ports: list[int], process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    for port in metrics_ports:
+        while True:
+            assert process.poll() is None, "the workers exited"
+            try:
+                await asyncio.to_thread(_authorize_count, port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"worker metrics on {port} never answered"
+                await asyncio.sleep(0.05)  # polling a process's start-up, bounded
+
+
 def _authorize_count(metrics_port: int) -> int:
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     match = re.search(rb'balance_gate_authorize_total\{result="allowed"\} ([0-9.e+]+)', body)
@@ -64,6 +78,8 @@ async def test_two_workers_serve_one_port_and_debit_exactly(
     ]
     try:
         await wait_serving(admin_channel, process)
+        # Both workers, not just the first up: a worker's /metrics opens last.
+        await _metrics_answer([ports["metrics"] + i for i in range(2)], process)
         admin = admin_pb2_grpc.AdminStub(admin_channel)
         await fund_over_grpc(admin, "shared", 10 * USD)
         stubs = [gate_pb2_grpc.BalanceGateStub(channel) for channel in channels]
