@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from balance_gate.app import App
+from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2
 
@@ -171,3 +174,20 @@ def tls_files(directory: Path, ca: CertificateAuthority) -> dict[str, str]:
     for name, pem in files.items():
         (directory / f"{name}.pem").write_bytes(pem)
     return {name: str(directory / f"{name}.pem") for name in files}
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """A port p such that p .. p + count - 1 are all free (--workers N serves /metrics
+    on the metrics port + i; another process may hold a neighbour of a free port)."""
+    while True:
+        first = free_port()
+        if first + count > 65_536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first

@@ -63,9 +63,8 @@ class CircuitBreaker:
             self._recovering = asyncio.create_task(self._recover(), name="redis-recovery")
 
     def failed(self, pipeline: int | None) -> None:
-        """A call failed. Only sent calls count, and a pipeline once: a call that
-        timed out still queued here means this process is overloaded, not that
-        Redis is down, and the calls of one slow pipeline are one Redis failure."""
+        """A call failed. Only sent calls count (None: refused by the open circuit),
+        and a pipeline once: the calls of one failed pipeline are one Redis failure."""
         if pipeline is None or pipeline == self._last_failed:
             return
         self._last_failed = pipeline

@@ -135,11 +135,15 @@ class Call:
         self.reply = reply
         self.pipeline: int | None = None  # set when sent
 
-    async def result(self, timeout_s: float) -> Any:
-        """The reply within timeout_s, or HotUnavailable (giving up cancels the call
-        if it has not been sent yet)."""
+    async def result(self) -> Any:
+        """The reply, or HotUnavailable when its pipeline failed or timed out.
+
+        No timer per call: the pipeline has the deadline (ScriptBatcher), and
+        time spent queued here is bounded by the caller's own gRPC deadline (a
+        cancelled call is never sent).
+        """
         try:
-            return await asyncio.wait_for(self.reply, timeout_s)
+            return await self.reply
         except TimeoutError:
             raise HotUnavailable("redis did not answer in time", pipeline=self.pipeline) from None
         except (RedisError, OSError) as exc:
@@ -274,7 +278,6 @@ class RedisStore:
         low_balance_micros: int = 0,
     ) -> None:
         self.client = client
-        self._call_timeout_s = call_timeout_s
         self._backlog_max = str(backlog_max)
         self._low_balance = str(low_balance_micros)
         self.keys = Keys(key_prefix)
@@ -313,7 +316,7 @@ class RedisStore:
                 self._backlog_max,
                 self._low_balance,
             ),
-        ).result(self._call_timeout_s)
+        ).result()
         low = len(reply) > 3 and reply[3] == 1
         return ScriptResult(reply[0], reply[1], replayed=reply[2] == 1, low_balance=low)
 
@@ -321,7 +324,7 @@ class RedisStore:
         reply = await self._settle.call(
             self.keys.hot(account_id).for_request(request_id),
             (str(amount_micros), account_id, request_id, self._trigger_ttl),
-        ).result(self._call_timeout_s)
+        ).result()
         return ScriptResult(reply[0], reply[1], reply[2], reply[3] == 1)
 
     # --- balance leases (leases.py, lua/lib/leases.lua) ------------------

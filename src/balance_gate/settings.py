@@ -333,8 +333,9 @@ class Settings(BaseSettings):
         default=250,
         ge=1,
         le=60_000,
-        description="Deadline of one Authorize/Settle script call; past it, the fail mode"
-        " answers. Keep it under the proxies' gRPC deadline.",
+        description="Deadline of one pipeline of Authorize/Settle scripts in Redis; past it,"
+        " its calls get the fail mode's answer. A call may wait for one pipeline before its"
+        " own: keep this under half the proxies' gRPC deadline.",
     )
     breaker_failures: int = Field(
         default=5,

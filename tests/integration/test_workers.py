@@ -19,7 +19,14 @@ import pytest
 from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2_grpc
-from tests.helpers import USD, authorize_request, fund_over_grpc, sidecar_env, wait_serving
+from tests.helpers import (
+    USD,
+    authorize_request,
+    free_ports_in_a_row,
+    fund_over_grpc,
+    sidecar_env,
+    wait_serving,
+)
 
 CONNECTIONS = 24  # the chance that all of them land on one of two workers is 2**-23
 
@@ -28,7 +35,7 @@ CONNECTIONS = 24  # the chance that all of them land on one of two workers is 2*
 def two_workers(
     settings: Settings, tmp_path: Path
 ) -> Iterator[tuple[dict[str, int], subprocess.Popen[bytes]]]:
-    ports = {"gate": free_port(), "admin": free_port(), "metrics": free_port()}
+    ports = {"gate": free_port(), "admin": free_port(), "metrics": free_ports_in_a_row(2)}
     env = sidecar_env(settings, ports, flush_interval_ms="5")
     log = (tmp_path / "gate.log").open("wb")
     process = subprocess.Popen(
