@@ -330,7 +330,7 @@ class Settings(BaseSettings):
         " outage; beyond it, requests are denied 'unavailable'.",
     )
     redis_call_timeout_ms: int = Field(
-        default=250,
+        default=500,
         ge=1,
         le=60_000,
         description="Deadline of one pipeline of Authorize/Settle scripts in Redis; past it,"
