@@ -171,3 +171,13 @@ def tls_files(directory: Path, ca: CertificateAuthority) -> dict[str, str]:
     for name, pem in files.items():
         (directory / f"{name}.pem").write_bytes(pem)
     return {name: str(directory / f"{name}.pem") for name in files}
+
+
+def mutual_tls_files(directory: Path, client_name: str) -> tuple[dict[str, str], str, str]:
+    """A new CA's server TLS settings (tls_files) and a client certificate's (cert, key) paths."""
+    ca = CertificateAuthority(f"{client_name} test CA")
+    files = tls_files(directory, ca)
+    key, cert = ca.issue(client_name)
+    (directory / f"{client_name}.key").write_bytes(key)
+    (directory / f"{client_name}.pem").write_bytes(cert)
+    return files, str(directory / f"{client_name}.pem"), str(directory / f"{client_name}.key")

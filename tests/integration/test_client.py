@@ -22,7 +22,7 @@ from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import RunningGate, serving
 from tests.faults.processes import SidecarProcess
-from tests.helpers import USD, CertificateAuthority, fund_over_grpc, rid, tls_files, with_settings
+from tests.helpers import USD, fund_over_grpc, mutual_tls_files, rid, with_settings
 
 
 def gate_address(running: RunningGate) -> str:
@@ -181,19 +181,15 @@ async def test_the_stream_reopens_after_the_sidecar_restarts(
 
 
 async def test_mutual_tls(settings: Settings, tmp_path: Path) -> None:
-    ca = CertificateAuthority("client test CA")
-    files = tls_files(tmp_path, ca)
-    key, cert = ca.issue("proxy-a")
-    (tmp_path / "proxy.key").write_bytes(key)
-    (tmp_path / "proxy.pem").write_bytes(cert)
+    files, cert, key = mutual_tls_files(tmp_path, "proxy")
     async with serving(with_settings(settings, **files)) as (sidecar, listening):
         await sidecar.app.accounts.create("acme", "USD")
         await sidecar.app.accounts.credit("acme", USD, "test funding", rid())
         connection = Connection(
             f"127.0.0.1:{listening.gate_port}",
             ca_file=files["tls_client_ca_file"],
-            cert_file=str(tmp_path / "proxy.pem"),
-            key_file=str(tmp_path / "proxy.key"),
+            cert_file=cert,
+            key_file=key,
         )
         async with GateClient(connection, deadline_s=10) as gate:
             assert (await gate.authorize("acme", "r-1", 1_000)).allowed
