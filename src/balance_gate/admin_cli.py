@@ -555,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(to_json(response), indent=2))
+        print(json.dumps(to_json(response), indent=2, ensure_ascii=False))
     else:
         print(format_table(response))
     return 0

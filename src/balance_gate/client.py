@@ -432,9 +432,13 @@ class GateClient:
             nonlocal answered
             async for response in call:
                 answered = True
-                entry = self._pending.pop(response.request_id, None)
-                if entry is not None and not entry.future.done():
-                    entry.future.set_result(response)
+                entry = self._pending.get(response.request_id)
+                # Not sent yet: a caller that gave up left this answer behind, and
+                # this entry (the same id, asked again) waits for its own.
+                if entry is not None and entry.sent:
+                    del self._pending[response.request_id]
+                    if not entry.future.done():
+                        entry.future.set_result(response)
 
         writer = asyncio.create_task(write())
         reader = asyncio.create_task(read())
