@@ -116,8 +116,6 @@ async def test_deadlines_answer_by_the_fail_mode_and_a_retry_is_safe(
         late = await gate.authorize("acme", "r-1", 1_000)
         assert (late.allowed, late.code, late.decided) == (False, "unavailable", False)
         assert late.detail == "deadline exceeded"
-        with pytest.raises(Unavailable):
-            await gate.settle("acme", "r-1", 1_000)
         # The per-call deadline overrides the default. Whether or not the late
         # request reached the gate, retrying its request_id debits it once.
         retried = await gate.authorize("acme", "r-1", 1_000, deadline_s=10)
