@@ -191,3 +191,13 @@ def free_ports_in_a_row(count: int) -> int:
             except OSError:
                 continue
         return first
+
+
+def mutual_tls_files(directory: Path, client_name: str) -> tuple[dict[str, str], str, str]:
+    """A new CA's server TLS settings (tls_files) and a client certificate's (cert, key) paths."""
+    ca = CertificateAuthority(f"{client_name} test CA")
+    files = tls_files(directory, ca)
+    key, cert = ca.issue(client_name)
+    (directory / f"{client_name}.key").write_bytes(key)
+    (directory / f"{client_name}.pem").write_bytes(cert)
+    return files, str(directory / f"{client_name}.pem"), str(directory / f"{client_name}.key")

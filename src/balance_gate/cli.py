@@ -1,4 +1,4 @@
-"""Command line: `balance-gate serve | migrate | rebuild | audit | fx | report | dev`."""
+"""Command line: `balance-gate serve | migrate | rebuild | audit | fx | report | dev | admin`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import uvloop
 
-from balance_gate import logs
+from balance_gate import admin_cli, logs
 from balance_gate.settings import Settings
 
 
@@ -181,11 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--redis-port", type=int, default=56379)
     dev.add_argument("--postgres-port", type=int, default=55432)
     dev.set_defaults(func=cmd_dev)
+    admin_cli.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "admin":  # a client: it needs none of the sidecar's settings
+        return admin_cli.run(args)
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     with contextlib.suppress(KeyboardInterrupt):

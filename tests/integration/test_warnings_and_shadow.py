@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from balance_gate import metrics
 from balance_gate.app import App
+from balance_gate.client import GateClient
 from balance_gate.settings import Settings
 from tests.conftest import RunningGate
 from tests.helpers import USD, authorize_request, fund, fund_over_grpc, rid
@@ -82,3 +83,12 @@ async def test_the_grpc_answer_carries_low_balance(running: RunningGate) -> None
     assert not first.low_balance  # $1.10 left
     assert second.low_balance  # 70 cents left
     assert not second.shadow
+
+
+async def test_the_python_client_sees_low_balance(running: RunningGate) -> None:
+    await fund_over_grpc(running.admin, "acme", 150 * CENT)
+    async with GateClient(f"127.0.0.1:{running.listening.gate_port}") as gate:
+        first = await gate.authorize("acme", rid(), 40 * CENT)
+        second = await gate.authorize("acme", rid(), 40 * CENT)
+    assert not first.low_balance
+    assert second.low_balance
