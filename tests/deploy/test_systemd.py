@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from balance_gate.settings import Settings
-from tests.deploy.manifests import DEPLOY
+from tests.deploy.manifests import DEPLOY, sidecar_settings
 
 UNIT = DEPLOY / "systemd" / "balance-gate.service"
 INSTALLED_BIN = "/opt/balance-gate/.venv/bin"
@@ -71,3 +72,16 @@ def test_systemd_analyze_security_rates_the_exposure_ok(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+def test_the_example_environment_file_names_real_settings() -> None:
+    """deploy/balance-gate.env.example, the unit's EnvironmentFile: the active lines are a
+    valid Settings; the commented-out ones at least name real settings."""
+    lines = (DEPLOY / "balance-gate.env.example").read_text().splitlines()
+    active = dict(line.split("=", 1) for line in lines if re.match(r"BALANCE_GATE_\w+=", line))
+    sidecar_settings(active)
+    commented = [line[1:].split("=")[0] for line in lines if re.match(r"#BALANCE_GATE_\w+=", line)]
+    assert len(active) >= 5
+    assert len(commented) >= 5
+    for name in commented:
+        assert name.removeprefix("BALANCE_GATE_").lower() in Settings.model_fields, name
