@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +19,15 @@ DEPLOY = ROOT / "deploy"
 PREFIX = "BALANCE_GATE_"
 # A token the settings accept, for files the manifests mount as the admin token file.
 TEST_TOKEN = "deploy-test-token-0123456789"
+
+
+def run_tool(name: str, *args: str) -> str:
+    """Run a command-line tool of this virtualenv's dev extras; fail with its output."""
+    tool = Path(sys.executable).parent / name
+    result = subprocess.run([str(tool), *args], capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
 
 
 def load_all(path: Path) -> list[Any]:

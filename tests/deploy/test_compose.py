@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from balance_gate.cli import build_parser
-from tests.deploy.manifests import DEPLOY, ROOT, load_all, load_one, sidecar_settings, yaml_files
+from tests.deploy.manifests import (
+    DEPLOY,
+    ROOT,
+    load_all,
+    load_one,
+    run_tool,
+    sidecar_settings,
+    yaml_files,
+)
 
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
@@ -158,8 +164,8 @@ def test_the_dockerfile_builds_a_wheel_then_runs_it_as_a_non_root_user() -> None
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
-    hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run(
-        [str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_tool("hadolint", "--no-color", str(DOCKERFILE))
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    run_tool("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))

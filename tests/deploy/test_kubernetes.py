@@ -11,7 +11,7 @@ import pytest
 
 from balance_gate.cli import build_parser
 from balance_gate.settings import Settings, split_host_port
-from tests.deploy.manifests import DEPLOY, load_all, sidecar_settings
+from tests.deploy.manifests import DEPLOY, load_all, run_tool, sidecar_settings
 
 API_VERSIONS = {
     "Deployment": "apps/v1",
@@ -123,3 +123,12 @@ def test_the_service_monitor_scrapes_the_metrics_port(objects: dict[str, Any]) -
     assert endpoint["port"] == port["name"]
     # The job label the rules of deploy/prometheus/alerts.yml expect.
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "balance-gate"
+
+
+def test_the_manifests_follow_the_kubernetes_api_schemas() -> None:
+    """kubernetes-validate --strict (schemas shipped in the package, no cluster). It has
+    no schema for the ServiceMonitor CRD: that one is only checked by the tests above."""
+    manifests = sorted(str(p) for p in (DEPLOY / "kubernetes").glob("*.yaml"))
+    output = run_tool("kubernetes-validate", "--strict", *manifests)
+    assert output.count(" passed for resource ") == len(API_VERSIONS) - 1
+    assert "Couldn't find schema for kind ServiceMonitor" in output
