@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Find, or install with apt-get (when root), what balance-gate needs from the OS:
-# Python >= 3.11 with venv, redis-server, the PostgreSQL server binaries, and nginx
-# (for the tests).
+# Python >= 3.11 with venv, redis-server, the PostgreSQL server binaries, and for
+# the tests nginx and Prometheus (promtool and prometheus, for deploy/prometheus).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -18,6 +18,7 @@ elif ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
 fi
 
 command -v redis-server >/dev/null || missing+=(redis-server)
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)
 
 if ! { command -v initdb >/dev/null && command -v postgres >/dev/null; } \
     && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
@@ -41,6 +42,15 @@ echo "Installing system packages: ${missing[*]}"
 if [[ " ${missing[*]} " == *" postgresql "* ]]; then
     mkdir -p /etc/postgresql-common/createcluster.d
     echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/balance-gate.conf
+fi
+# The tests start their own servers on free ports: no package may start its
+# service (Debian's prometheus would listen on :9090) while it is installed.
+# policy-rc.d answering 101 tells invoke-rc.d and deb-systemd-invoke so.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,13 @@ async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen[byte
             return
         except TimeoutError:
             assert time.monotonic() < deadline, "the sidecar did not start"
+
+
+def scrape_metrics(port: int) -> str:
+    """The /metrics text of a sidecar's metrics port (blocking: call it in a thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
 
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:

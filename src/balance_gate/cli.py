@@ -1,4 +1,5 @@
-"""Command line: `balance-gate serve | migrate | rebuild | audit | fx | report | dev | admin`."""
+"""Command line: `balance-gate serve | migrate | rebuild | audit | fx | report | dev |
+admin | healthcheck`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def _serve_worker(settings: Settings, index: int | None) -> None:
     from balance_gate.server import serve
 
     if index is not None:  # a spawned worker: a fresh interpreter, logging unset
+        from balance_gate.workers import exit_with_parent
+
+        exit_with_parent()
         logs.configure(settings.log_level, settings.log_format, worker=index)
         host, port = settings.metrics_address
         # Validated anew: model_copy would keep the cached metrics_address.
@@ -144,6 +148,31 @@ def cmd_dev(_settings: Settings, args: argparse.Namespace) -> int:
     return run_dev(Path(args.run_dir), args.redis_port, args.postgres_port)
 
 
+def cmd_healthcheck(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when grpc.health.v1 on the gate port answers SERVING, else 1 (a container
+    HEALTHCHECK; plaintext only, like Kubernetes' own gRPC probe)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from balance_gate.settings import split_host_port
+
+    host, port = split_host_port(args.address or settings.gate_listen)
+    if host in ("0.0.0.0", "::", ""):  # a wildcard listener answers on loopback
+        host = "127.0.0.1"
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{target}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{target}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="balance-gate",
@@ -182,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--postgres-port", type=int, default=55432)
     dev.set_defaults(func=cmd_dev)
     admin_cli.add_parser(commands)
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 when grpc.health.v1 on the gate port answers SERVING, else 1"
+    )
+    health.add_argument("--address", help="host:port (default: BALANCE_GATE_GATE_LISTEN)")
+    health.add_argument("--service", default="", help="service name to check (default: all)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(func=cmd_healthcheck)
     return parser
 
 

@@ -92,6 +92,16 @@ TOP_UP_SECONDS = Histogram(
     "Time to handle one auto top-up trigger, charge included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+AUTO_TOP_UPS_PAUSED = Counter(
+    "balance_gate_auto_top_ups_paused",
+    "Accounts whose auto top-up was paused until resumed by hand, by reason: failures"
+    " (3 failed charges per card, P11/P12) or abuse_appeal (P14).",
+    ["reason"],
+)
+# Exported as 0 from the start: `increase()` cannot see a series whose first sample is 1,
+# and the alert on pauses must fire for the first one.
+for _reason in ("failures", "abuse_appeal"):
+    AUTO_TOP_UPS_PAUSED.labels(_reason)
 EMAILS = Counter(
     "balance_gate_emails", "Customer emails by delivery result: sent, failed (retried).", ["result"]
 )

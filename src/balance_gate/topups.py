@@ -137,6 +137,7 @@ class TopUps:
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
             if not await self._store.pause(conn, account_id, reason):
                 return
+            metrics.AUTO_TOP_UPS_PAUSED.labels(reason).inc()
             settings = await self._store.auto_top_up(account_id)
             assert settings is not None
             await self._hot.set_auto_top_up(
@@ -259,6 +260,7 @@ class TopUps:
         reason = done.decline_reason or "declined"
         if await self._store.record_auto_outcome(top_up.account_id, reason):
             log.warning("auto top-up of %r paused after repeated failures", top_up.account_id)
+            metrics.AUTO_TOP_UPS_PAUSED.labels("failures").inc()
             await self._hot.set_auto_top_up(top_up.account_id, False, 0)
         # P10: the next request retries the same card, at most once per interval.
         await self._hot.hold_top_up_trigger(top_up.account_id, retry_interval_s)

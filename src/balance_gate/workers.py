@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -26,6 +27,22 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 _STOP_TIMEOUT_S = 60.0
+
+
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """In a worker: stop (SIGTERM, the graceful way) once the supervisor is gone.
+
+    A supervisor killed with SIGKILL (the OOM killer, a test) cannot stop its
+    workers; without this they would go on serving, orphaned, on shared ports.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def supervise(target: Callable[[int], None], count: int) -> int:

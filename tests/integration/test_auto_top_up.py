@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from balance_gate.app import App
 from balance_gate.errors import InvalidArgument
@@ -67,6 +68,11 @@ async def _charges(app: App, account_id: str) -> int:
         account_id,
     )
     return count
+
+
+def _paused_count(reason: str) -> float:
+    sample = REGISTRY.get_sample_value("balance_gate_auto_top_ups_paused_total", {"reason": reason})
+    return sample or 0.0
 
 
 async def test_p3_falling_under_the_threshold_charges_the_default_card(app: App) -> None:
@@ -183,10 +189,12 @@ async def test_p10_p11_three_failures_pause_auto_top_up_until_resumed(
     app: App, redis_client: aioredis.Redis
 ) -> None:
     await _with_auto_top_up(app, "declined", card="pm_card_declined")
+    paused_before = _paused_count("failures")
     await app.gate.authorize("declined", rid(), 6 * USD, "")
     assert await _run_triggers(app) == 1
     results = [await app.topups.auto("declined", RETRY_NOW) for _ in range(2)]
     assert results == ["generic_decline"] * 2
+    assert _paused_count("failures") - paused_before == 1  # what the alert counts
     settings = await app.topups.auto_top_up("declined")
     assert settings is not None
     assert (settings.paused, settings.consecutive_failures) == (True, 3)

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import urllib.request
 
 from balance_gate.v1 import gate_pb2
 from tests.conftest import RunningGate
-from tests.helpers import authorize_request, fund_over_grpc
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        body: bytes = response.read()
-        return body.decode()
+from tests.helpers import authorize_request, fund_over_grpc, scrape_metrics
 
 
 def _value(text: str, sample: str) -> float:
@@ -24,7 +17,7 @@ def _value(text: str, sample: str) -> float:
 
 async def test_authorize_outcomes_are_counted_and_timed(running: RunningGate) -> None:
     port = running.listening.metrics_port
-    before = await asyncio.to_thread(_scrape, port)
+    before = await asyncio.to_thread(scrape_metrics, port)
     await fund_over_grpc(running.admin, "metered", 250_000)
     for _ in range(3):  # 100k, 100k allowed; the third is denied
         await running.gate.Authorize(authorize_request("metered", 100_000))
@@ -33,7 +26,7 @@ async def test_authorize_outcomes_are_counted_and_timed(running: RunningGate) ->
     await running.gate.Settle(
         gate_pb2.SettleRequest(account_id="metered", request_id=settle.request_id, amount_micros=1)
     )
-    after = await asyncio.to_thread(_scrape, port)
+    after = await asyncio.to_thread(scrape_metrics, port)
 
     def grew(sample: str) -> float:
         return _value(after, sample) - _value(before, sample)

@@ -115,3 +115,27 @@ def test_workers_need_fixed_ports() -> None:
         pydantic.ValidationError, match="gate_listen: workers > 1 needs a fixed port"
     ):
         Settings(workers=2, gate_listen="127.0.0.1:0")
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    two_workers: tuple[dict[str, int], subprocess.Popen[bytes]],
+) -> None:
+    """A SIGKILLed supervisor cannot stop its workers: they notice and stop themselves."""
+    ports, process = two_workers
+    await _metrics_answer([ports["metrics"] + i for i in range(2)], process)
+    workers = _children(process.pid)
+    assert len(workers) >= 2
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while alive := _running(workers):
+        assert time.monotonic() < deadline, f"orphaned workers still running: {alive}"
+        await asyncio.sleep(0.1)  # polling for the workers' exit, bounded
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
