@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -146,10 +147,16 @@ class Gate:
         self, account_id: str, request_id: str, amount_micros: int, capability: str
     ) -> ScriptResult:
         """One authorize script call through the circuit breaker (HotUnavailable if not)."""
+        return await self._guarded(
+            lambda: self._hot.authorize(account_id, request_id, amount_micros, capability)
+        )
+
+    async def _guarded(self, send: Callable[[], Awaitable[ScriptResult]]) -> ScriptResult:
+        """Send a script call unless the circuit is open, and tell the breaker how it went."""
         if not self._breaker.admit():
             raise HotUnavailable("redis circuit open", pipeline=None)
         try:
-            result = await self._hot.authorize(account_id, request_id, amount_micros, capability)
+            result = await send()
         except HotUnavailable as exc:
             self._breaker.failed(exc.pipeline)
             raise
@@ -241,12 +248,9 @@ class Gate:
 
     async def _settle(self, account_id: str, request_id: str, amount_micros: int) -> ScriptResult:
         """A settle script call; Redis away: UNAVAILABLE, the proxy retries (idempotent)."""
-        if not self._breaker.admit():
-            raise Unavailable("redis unavailable (circuit open); retry")
         try:
-            result = await self._hot.settle(account_id, request_id, amount_micros)
+            return await self._guarded(
+                lambda: self._hot.settle(account_id, request_id, amount_micros)
+            )
         except HotUnavailable as exc:
-            self._breaker.failed(exc.pipeline)
             raise Unavailable(f"{exc}; retry") from exc
-        self._breaker.answered()
-        return result
