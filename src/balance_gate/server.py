@@ -181,8 +181,10 @@ class Sidecar:
         self._stop_background = asyncio.Event()
         self._stop_leases = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._periodic: list[asyncio.Task[None]] = []
 
     async def start(self) -> Listening:
+        settings = self.app.settings
         policy = await self.app.hot.eviction_policy()
         if policy not in (None, "noeviction"):
             # An evicted account would be reloaded from the ledger without the
@@ -196,11 +198,34 @@ class Sidecar:
                 self.app.settings.admin_listen,
             )
         metrics.USAGE_BACKLOG_SHARD_LIMIT.set(self.app.settings.usage_backlog_max)
+        # (task name, interval, job, what a failure is logged as): cancelled on stop.
+        periodic: list[tuple[str, int, Callable[[], Awaitable[object]], str]] = [
+            (
+                "credit-sweeper",
+                settings.credit_sweep_interval_ms,
+                self.app.accounts.sweep_unapplied_credits,
+                "credit sweep",
+            ),
+            (
+                "lot-expiry",
+                settings.lot_expiry_interval_ms,
+                self.app.expiry.expire_due,
+                "lot expiry",
+            ),
+            (
+                "credit-reviews",
+                settings.credit_review_interval_ms,
+                self.app.credit_reviews.run,
+                "credit line reviews",
+            ),
+        ]
+        self._periodic = [
+            asyncio.create_task(_every(interval_ms, job, what), name=name)
+            for name, interval_ms, job, what in periodic
+        ]
         self._tasks = [
             asyncio.create_task(self.app.flusher.run(self._stop_background), name="usage-flusher"),
-            asyncio.create_task(self._sweep_credits(), name="credit-sweeper"),
-            asyncio.create_task(self._expire_lots(), name="lot-expiry"),
-            asyncio.create_task(self._review_credit_lines(), name="credit-reviews"),
+            *self._periodic,
             asyncio.create_task(
                 self.app.top_up_worker.run(self._stop_background), name="top-up-worker"
             ),
@@ -245,9 +270,8 @@ class Sidecar:
             if task.get_name() == "lease-reporter":
                 await task
         self._stop_background.set()
-        for task in self._tasks:
-            if task.get_name() in ("credit-sweeper", "lot-expiry", "credit-reviews"):
-                task.cancel()
+        for task in self._periodic:  # they have nothing to finish
+            task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -256,32 +280,15 @@ class Sidecar:
             self._metrics.server_close()
         await self.app.close()
 
-    async def _sweep_credits(self) -> None:
-        interval_s = self.app.settings.credit_sweep_interval_ms / 1000
-        while True:
-            try:
-                await self.app.accounts.sweep_unapplied_credits()
-            except Exception:
-                log.exception("credit sweep failed")
-            await asyncio.sleep(interval_s)
 
-    async def _expire_lots(self) -> None:
-        interval_s = self.app.settings.lot_expiry_interval_ms / 1000
-        while True:
-            try:
-                await self.app.expiry.expire_due()
-            except Exception:
-                log.exception("credit lot expiry failed")
-            await asyncio.sleep(interval_s)
-
-    async def _review_credit_lines(self) -> None:
-        interval_s = self.app.settings.credit_review_interval_ms / 1000
-        while True:
-            try:
-                await self.app.credit_reviews.run()
-            except Exception:
-                log.exception("credit line reviews failed")
-            await asyncio.sleep(interval_s)
+async def _every(interval_ms: int, job: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `job` every interval until cancelled; a failure is logged, never fatal."""
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("%s failed", what)
+        await asyncio.sleep(interval_ms / 1000)
 
 
 async def serve(
