@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
@@ -194,6 +196,16 @@ class App:
                 ),
             ),
         )
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, settings: Settings, *, migrate: bool) -> AsyncIterator[App]:
+        """An App for one command: opened, then closed whatever happens."""
+        app = await cls.open(settings, migrate=migrate)
+        try:
+            yield app
+        finally:
+            await app.close()
 
     async def close(self) -> None:
         if is_cluster(self.redis):

@@ -72,12 +72,9 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
 
     async def rebuild() -> None:
         # Schema changes are `migrate`'s job, not a side effect of a rebuild.
-        app = await App.open(settings, migrate=False)
-        try:
+        async with App.opened(settings, migrate=False) as app:
             await app.hot.ensure_usage_groups()
             report = await rebuild_all(app.pg, app.accounts, app.flusher)
-        finally:
-            await app.close()
         print(
             f"rebuilt {report.accounts} accounts: {report.corrected} corrected"
             f" (total |correction| {report.correction_micros} micros),"
@@ -97,12 +94,9 @@ def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
 
     async def audit() -> None:
         nonlocal differences
-        app = await App.open(settings, migrate=False)
-        try:
+        async with App.opened(settings, migrate=False) as app:
             await app.hot.ensure_usage_groups()
             report = await audit_all(app.pg, app.hot, app.flusher)
-        finally:
-            await app.close()
         print("\n".join(format_report(report)))
         differences = len(report.differences)
 
@@ -132,11 +126,8 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from balance_gate.reports import write_reports
 
     async def report() -> None:
-        app = await App.open(settings, migrate=False)
-        try:
+        async with App.opened(settings, migrate=False) as app:
             await write_reports(app.pool, app.topups, args.month, args.format, sys.stdout)
-        finally:
-            await app.close()
 
     _run(report())
     return 0

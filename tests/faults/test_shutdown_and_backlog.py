@@ -59,8 +59,7 @@ async def test_usage_backlog_bound_denies_unavailable_and_debits_nothing(
 ) -> None:
     """Postgres away long enough: Authorize stops debiting what it could not record."""
     bounded = settings.model_copy(update={"usage_backlog_max": 5})
-    app = await App.open(bounded, migrate=False)  # no flusher runs: usage stays in Redis
-    try:
+    async with App.opened(bounded, migrate=False) as app:  # no flusher runs: usage stays in Redis
         await fund(app, "acme", USD)
         for _ in range(5):
             assert (await app.gate.authorize("acme", rid(), CENT, "")).allowed
@@ -72,5 +71,3 @@ async def test_usage_backlog_bound_denies_unavailable_and_debits_nothing(
         assert hot.balance_micros == USD - 5 * CENT
         await app.flusher.refresh_stats()  # what the alert watches: 5 of 5
         assert metrics.USAGE_BACKLOG_FULLEST_SHARD._value.get() == 5
-    finally:
-        await app.close()

@@ -18,8 +18,7 @@ async def test_a_burst_far_above_the_pool_size_queues_instead_of_failing(
     settings: Settings,
 ) -> None:
     narrow = settings.model_copy(update={"redis_max_connections": 2})
-    app = await App.open(narrow, migrate=False)
-    try:
+    async with App.opened(narrow, migrate=False) as app:
         await fund(app, "acme", USD)
         reads = [app.hot.read_account("acme") for _ in range(300)]
         debits = [app.gate.authorize("acme", rid(), 1, "") for _ in range(100)]
@@ -29,5 +28,3 @@ async def test_a_burst_far_above_the_pool_size_queues_instead_of_failing(
         hot = await app.hot.read_account("acme")
         assert hot is not None
         assert hot.balance_micros == USD - 100
-    finally:
-        await app.close()

@@ -16,10 +16,9 @@ CENT = 10_000
 async def test_low_balance_is_flagged_under_the_warning_level_without_auto_top_up(
     settings: Settings,
 ) -> None:
-    app = await App.open(
+    async with App.opened(
         settings.model_copy(update={"low_balance_warning_micros": 50 * CENT}), migrate=False
-    )
-    try:
+    ) as app:
         await fund(app, "acme", USD)
         above = await app.gate.authorize("acme", rid(), 40 * CENT, "")  # leaves 60 cents
         under = await app.gate.authorize("acme", rid(), 20 * CENT, "")  # leaves 40 cents
@@ -27,8 +26,6 @@ async def test_low_balance_is_flagged_under_the_warning_level_without_auto_top_u
         assert not above.low_balance
         assert under.allowed
         assert under.low_balance
-    finally:
-        await app.close()
 
 
 async def test_low_balance_waits_for_the_cap_when_auto_top_up_is_armed(app: App) -> None:
@@ -50,8 +47,9 @@ async def test_low_balance_waits_for_the_cap_when_auto_top_up_is_armed(app: App)
 async def test_shadow_mode_allows_would_be_denials_and_debits_nothing(
     settings: Settings,
 ) -> None:
-    app = await App.open(settings.model_copy(update={"shadow_accounts": "shadow-"}), migrate=False)
-    try:
+    async with App.opened(
+        settings.model_copy(update={"shadow_accounts": "shadow-"}), migrate=False
+    ) as app:
         await fund(app, "shadow-1", CENT)
         await fund(app, "live-1", CENT)
         before = metrics.SHADOW_ALLOWED.labels("insufficient_balance")._value.get()
@@ -72,8 +70,6 @@ async def test_shadow_mode_allows_would_be_denials_and_debits_nothing(
         unknown = await app.gate.authorize("shadow-nobody", rid(), CENT, "")
         assert unknown.allowed
         assert unknown.code == "account_not_found"
-    finally:
-        await app.close()
 
 
 async def test_the_grpc_answer_carries_low_balance(running: RunningGate) -> None:
