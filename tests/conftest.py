@@ -146,9 +146,9 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[Sidecar, Listening]
         await sidecar.stop()
 
 
-@pytest.fixture
-async def running(settings: Settings) -> AsyncIterator[RunningGate]:
-    """A whole sidecar (listeners, flusher, sweeper) and clients of both ports."""
+@contextlib.asynccontextmanager
+async def running_gate(settings: Settings) -> AsyncIterator[RunningGate]:
+    """A whole sidecar on `settings` and clients of both its ports, all closed on exit."""
     async with serving(settings) as (sidecar, listening):
         gate_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.gate_port}")
         admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{listening.admin_port}")
@@ -164,6 +164,13 @@ async def running(settings: Settings) -> AsyncIterator[RunningGate]:
         finally:
             await gate_channel.close(None)
             await admin_channel.close(None)
+
+
+@pytest.fixture
+async def running(settings: Settings) -> AsyncIterator[RunningGate]:
+    """A whole sidecar (listeners, flusher, sweeper) and clients of both ports."""
+    async with running_gate(settings) as gate:
+        yield gate
 
 
 @pytest.fixture
