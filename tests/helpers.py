@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import random
 import socket
 import subprocess
 import time
@@ -22,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from balance_gate.app import App
-from balance_gate.devservers import free_port
 from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2
 
@@ -186,11 +186,15 @@ def tls_files(directory: Path, ca: CertificateAuthority) -> dict[str, str]:
 
 def free_ports_in_a_row(count: int) -> int:
     """A port p such that p .. p + count - 1 are all free (--workers N serves /metrics
-    on the metrics port + i; another process may hold a neighbour of a free port)."""
+    on the metrics port + i).
+
+    Chosen below the kernel's ephemeral range: a worker binds its port seconds
+    after this check, and meanwhile any outgoing connection may be handed an
+    ephemeral port (CI saw worker 1 fail with EADDRINUSE on metrics port + 1).
+    """
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     while True:
-        first = free_port()
-        if first + count > 65_536:
-            continue
+        first = random.randrange(10_000, ephemeral_low - count)
         with contextlib.ExitStack() as held:
             try:
                 for port in range(first, first + count):
