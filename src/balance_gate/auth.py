@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -31,6 +32,10 @@ MIN_TOKEN_CHARS = 16
 # Visible ASCII: a token travels as an HTTP/2 header value and must not need quoting.
 _TOKEN = re.compile(r"^[\x21-\x7e]+$")
 _BEARER = "bearer "
+# Words of a token someone meant to replace (deploy/kubernetes/secret.yaml ships one).
+_PLACEHOLDER = re.compile(
+    r"replace|change|example|todo|fixme|placeholder|dummy|sample|xxxx", re.IGNORECASE
+)
 WILDCARD = "*"
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -44,6 +49,11 @@ def _checked(tokens: list[str], source: str) -> list[str]:
             raise ValueError(f"{source}: token {number} is shorter than {MIN_TOKEN_CHARS} chars")
         if not _TOKEN.match(token):
             raise ValueError(f"{source}: token {number} must be visible ASCII without spaces")
+        if _PLACEHOLDER.search(token):
+            raise ValueError(
+                f"{source}: token {number} looks like a placeholder (REPLACE, CHANGE, EXAMPLE,"
+                " TODO, ...): generate a real one, e.g. `openssl rand -hex 32`"
+            )
     return tokens
 
 
@@ -144,6 +154,18 @@ def tls_credentials(
     return grpc.ssl_server_credentials(
         [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def http_ssl_context(cert_file: str, key_file: str, client_ca_file: str) -> ssl.SSLContext | None:
+    """The HTTP endpoint's TLS, from the same files as the gRPC listeners; None: plaintext."""
+    if not cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class ProxyIdentities:

@@ -1,4 +1,4 @@
-"""Domain errors. They are mapped to gRPC status codes in one place (grpc_api)."""
+"""Domain errors. They are mapped to gRPC and HTTP answers in one place (status.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ class FailedPrecondition(GateError):
 
 class PermissionDenied(GateError):
     """The caller is known but not allowed this call (a proxy identity, docs/security.md)."""
+
+
+class Unauthenticated(GateError):
+    """The caller did not prove who it is (the HTTP endpoint's proxy secret)."""
 
 
 class Unavailable(GateError):

@@ -19,9 +19,11 @@ from envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 
+from balance_gate import errors
 from balance_gate.auth import ProxyIdentities
 from balance_gate.gate import Gate
-from balance_gate.http_authz import AuthzKeys, HttpAnswer, decide
+from balance_gate.http_authz import Asked, AuthzKeys, HttpAnswer, decide, error_answer
+from balance_gate.status import status_of
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 
@@ -36,16 +38,41 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
         self._identities = identities
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        attributes = request.attributes
-        headers = {k.lower(): v for k, v in attributes.request.http.headers.items()}
-        answer = await decide(
-            self._gate,
-            self._keys,
-            headers,
-            dict(attributes.context_extensions),
-            lambda account_id: self._identities.check(context, account_id),
-        )
+        """Always a CheckResponse: a gRPC error would let Envoy's failure_mode_allow serve
+        the request for free, so every failure is a denial from status.py's table."""
+        try:
+            attributes = request.attributes
+            asked = Asked(
+                _headers(attributes.request.http),
+                dict(attributes.context_extensions),
+                price_from_headers=self._keys.ext_authz_header_price,
+            )
+            answer = await decide(
+                self._gate,
+                self._keys,
+                asked,
+                lambda account_id: self._identities.check(context, account_id),
+                component="Check",
+            )
+        except Exception as exc:  # noqa: BLE001 - a denial, never UNKNOWN
+            status = status_of(exc, "Check")
+            answer = error_answer(status.http_status, status.code, status.message)
         return check_response(answer)
+
+
+def _headers(http: Any) -> dict[str, str]:
+    """Lowercase header names to values: the `headers` map, or Envoy's raw `header_map`
+    (encode_raw_headers), whose bytes must be UTF-8. A repeated header is refused."""
+    headers = {key.lower(): value for key, value in http.headers.items()}
+    for entry in http.header_map.headers:
+        key = entry.key.lower()
+        if key in headers:
+            raise errors.InvalidArgument(key, "must appear once")
+        try:
+            headers[key] = entry.raw_value.decode("utf-8") if entry.raw_value else entry.value
+        except UnicodeDecodeError:
+            raise errors.InvalidArgument(key, "must be valid UTF-8") from None
+    return headers
 
 
 def check_response(answer: HttpAnswer) -> Any:

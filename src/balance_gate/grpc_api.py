@@ -1,8 +1,7 @@
 """The gRPC servicers: thin translations between protobuf and the core.
 
-Errors become gRPC status codes here and only here: invalid input ->
-INVALID_ARGUMENT, unknown -> NOT_FOUND, a store out of reach -> UNAVAILABLE,
-anything unexpected -> INTERNAL (logged). Nothing surfaces as UNKNOWN.
+Errors become gRPC status codes through status.py, the table every edge
+shares. Nothing surfaces as UNKNOWN.
 """
 
 from __future__ import annotations
@@ -15,12 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import fields
 from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balance_gate import errors, fx, metrics
 from balance_gate.accounts import Accounts, AccountView
@@ -29,8 +24,9 @@ from balance_gate.auth import ProxyIdentities
 from balance_gate.credit_lines import CreditLine, CreditLines
 from balance_gate.credit_reviews import CreditReviews, Review
 from balance_gate.gate import Gate
-from balance_gate.payments import GatewayUnavailable, mask
+from balance_gate.payments import mask
 from balance_gate.refunds import RefundRow, Refunds
+from balance_gate.status import status_of
 from balance_gate.top_up_store import AutoTopUpRow, InvoiceRow, TopUpRow
 from balance_gate.topups import TopUps
 from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
@@ -42,34 +38,6 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, Context], Awaitable[Resp]]
 
-_STATUS = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def _status_of(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, errors.GateError):
-        return _STATUS[type(exc)], str(exc)
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        metrics.REDIS_ERRORS.labels(method).inc()
-        return grpc.StatusCode.UNAVAILABLE, "redis unavailable"
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.InterfaceError):
-        metrics.POSTGRES_ERRORS.labels(method).inc()
-        return grpc.StatusCode.UNAVAILABLE, "postgres unavailable"
-    if isinstance(exc, GatewayUnavailable):  # the outcome is unknown; retry with the same key
-        return grpc.StatusCode.UNAVAILABLE, "payment gateway unavailable"
-    if isinstance(exc, OSError):  # includes TimeoutError: a store did not answer in time
-        return grpc.StatusCode.UNAVAILABLE, "a backing store is unavailable"
-    if isinstance(exc, RedisError):
-        metrics.REDIS_ERRORS.labels(method).inc()
-    log.exception("%s failed", method)
-    return grpc.StatusCode.INTERNAL, "internal error"
-
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Map exceptions of one RPC method to a status (see module docstring)."""
@@ -80,9 +48,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure gets a status
-            code, message = _status_of(exc, name)
-        metrics.RPC_ERRORS.labels(name, code.name).inc()
-        await context.abort(code, message)
+            status = status_of(exc, name)
+        metrics.RPC_ERRORS.labels(name, status.grpc_code.name).inc()
+        await context.abort(status.grpc_code, status.message)
         raise AssertionError("abort() returned")  # pragma: no cover
 
     return wrapper
@@ -171,12 +139,12 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
             self._identities.check_account(proxy, request.account_id)
             return await self._decide(request)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer
-            code, message = _status_of(exc, "AuthorizeStream")
-            metrics.RPC_ERRORS.labels("AuthorizeStream", code.name).inc()
+            status = status_of(exc, "AuthorizeStream")
+            metrics.RPC_ERRORS.labels("AuthorizeStream", status.grpc_code.name).inc()
             return gate_pb2.AuthorizeResponse(
                 request_id=request.request_id,
-                status_code=code.value[0],
-                status_message=message,
+                status_code=status.grpc_code.value[0],
+                status_message=status.message,
             )
 
     @rpc

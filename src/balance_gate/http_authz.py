@@ -15,8 +15,12 @@ the header x-balance-gate-code.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,13 +30,22 @@ from balance_gate import errors
 from balance_gate.constants import DenyCode
 from balance_gate.gate import Decision, Gate
 from balance_gate.settings import Settings
+from balance_gate.status import status_of
 
 log = logging.getLogger(__name__)
+
+# ASCII digits only (str.isdigit also accepts '²' and Arabic-Indic digits), at most
+# 16 of them: every amount the gate accepts has fewer.
+_DIGITS = re.compile(r"[0-9]{1,16}")
+# C0 and C1 control characters and DEL: never part of an id, a price or a capability.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 CODE_HEADER = "x-balance-gate-code"
 BALANCE_HEADER = "x-balance-gate-balance-micros"
 LOW_BALANCE_HEADER = "x-balance-gate-low-balance"
 SHADOW_HEADER = "x-balance-gate-shadow"
+# The HTTP endpoint's proxy secret (HTTP_AUTHZ_SECRET), sent by the proxy on every request.
+PROXY_SECRET_HEADER = "x-balance-gate-proxy-secret"
 
 _STATUS = {
     DenyCode.INSUFFICIENT_BALANCE: 402,
@@ -51,13 +64,16 @@ _MESSAGES = {
 
 @dataclass(frozen=True)
 class AuthzKeys:
-    """Header names, which are also the context_extensions keys."""
+    """Header names, which are also the context_extensions keys, and where a price may come from."""
 
     account: str
     request_id: str
     cost: str
     capability: str
-    default_cost_micros: int
+    default_cost_micros: int | None  # None: a request that names no cost is refused
+    # ext_authz: read cost and capability from request headers too, not only from the
+    # route's context_extensions (off: a client header can never set its own price).
+    ext_authz_header_price: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthzKeys:
@@ -67,6 +83,7 @@ class AuthzKeys:
             settings.authz_cost_key.lower(),
             settings.authz_capability_key.lower(),
             settings.authz_default_cost_micros,
+            settings.ext_authz_header_price,
         )
 
 
@@ -77,49 +94,79 @@ class HttpAnswer:
     body: str = ""
 
 
+@dataclass(frozen=True)
+class Asked:
+    """One HTTP request as the edge received it: headers (lowercase names) and the proxy's
+    own context. `price_from_headers`: whether cost and capability may come from headers
+    (the HTTP endpoint, whose headers the proxy sets) or only from the context (ext_authz).
+    """
+
+    headers: Mapping[str, str]
+    context: Mapping[str, str]
+    price_from_headers: bool
+
+
 async def decide(
     gate: Gate,
     keys: AuthzKeys,
-    headers: Mapping[str, str],
-    context: Mapping[str, str],
+    asked: Asked,
     may_debit: Callable[[str], None] | None = None,
+    component: str = "http_authz",
 ) -> HttpAnswer:
-    """Authorize one HTTP request; `headers` have lowercase names.
+    """Authorize one HTTP request; every failure is an answer from status.py's table.
 
     may_debit(account_id) raises PermissionDenied when the calling proxy may not
     debit that account (proxy identities, docs/security.md).
     """
     try:
-        account_id = _field(keys.account, headers, context)
+        account_id = _required(keys.account, asked.headers, asked.context)
         if may_debit is not None:
             may_debit(account_id)
-        request_id = _field(keys.request_id, headers, context)
-        cost = _cost(keys, headers, context)
-        capability = context.get(keys.capability, headers.get(keys.capability, ""))
+        request_id = _required(keys.request_id, asked.headers, asked.context)
+        cost = _cost(keys, asked)
+        capability = _priced(keys.capability, asked) or ""
         decision = await gate.authorize(account_id, request_id, cost, capability)
-    except errors.InvalidArgument as exc:
-        return _error(400, "invalid_request", str(exc))
-    except errors.PermissionDenied as exc:
-        return _error(403, "permission_denied", str(exc))
-    except errors.FailedPrecondition as exc:
-        return _error(409, "request_conflict", str(exc))
-    except errors.Unavailable as exc:
-        return _error(503, DenyCode.UNAVAILABLE, str(exc))
+    except Exception as exc:  # noqa: BLE001 - every failure is an answer, never a 500
+        status = status_of(exc, component)
+        return error_answer(status.http_status, status.code, status.message)
     return answer_for(decision)
 
 
-def _field(key: str, headers: Mapping[str, str], context: Mapping[str, str]) -> str:
+def _value(key: str, headers: Mapping[str, str], context: Mapping[str, str]) -> str | None:
+    """The context's value (set by the proxy's configuration) first, then the header's."""
     value = context.get(key) or headers.get(key)
+    if value is None:
+        return None
+    if _UNSAFE.search(value):
+        raise errors.InvalidArgument(key, "must not contain control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # aiohttp keeps undecodable bytes as surrogates
+            raise errors.InvalidArgument(key, "must be valid UTF-8") from None
+    return value
+
+
+def _required(key: str, headers: Mapping[str, str], context: Mapping[str, str]) -> str:
+    value = _value(key, headers, context)
     if not value:
         raise errors.InvalidArgument(key, "is required (request header or context extension)")
     return value
 
 
-def _cost(keys: AuthzKeys, headers: Mapping[str, str], context: Mapping[str, str]) -> int:
-    raw = context.get(keys.cost) or headers.get(keys.cost)
+def _priced(key: str, asked: Asked) -> str | None:
+    """A value that sets what the request costs: from headers only where they are trusted."""
+    return _value(key, asked.headers if asked.price_from_headers else {}, asked.context)
+
+
+def _cost(keys: AuthzKeys, asked: Asked) -> int:
+    raw = _priced(keys.cost, asked)
     if raw is None:
+        if keys.default_cost_micros is None:
+            where = "header" if asked.price_from_headers else "route context_extensions"
+            raise errors.InvalidArgument(keys.cost, f"is required (set it in the {where})")
         return keys.default_cost_micros
-    if not raw.isdigit() or len(raw) > 16:
+    if not _DIGITS.fullmatch(raw):
         raise errors.InvalidArgument(keys.cost, "must be a whole number of micro-USD")
     return int(raw)
 
@@ -132,7 +179,7 @@ def answer_for(decision: Decision) -> HttpAnswer:
         if decision.shadow:
             headers[SHADOW_HEADER] = decision.code
         return HttpAnswer(200, headers)
-    answer = _error(
+    answer = error_answer(
         _STATUS.get(decision.code, 403),
         decision.code,
         _MESSAGES.get(decision.code, decision.code),
@@ -142,7 +189,9 @@ def answer_for(decision: Decision) -> HttpAnswer:
     return answer
 
 
-def _error(status: int, code: str, message: str, balance_micros: int | None = None) -> HttpAnswer:
+def error_answer(
+    status: int, code: str, message: str, balance_micros: int | None = None
+) -> HttpAnswer:
     error: dict[str, object] = {"code": code, "message": message}
     if balance_micros is not None:
         error["balance_micros"] = balance_micros
@@ -159,12 +208,24 @@ class HttpAuthz:
     Subrequest-based proxies (nginx auth_request) understand only 2xx, 401 and
     403 from the auth server, so every denial is 403 here, with the code in
     x-balance-gate-code for the proxy to turn into the client's answer
-    (deploy/nginx/ turns insufficient_balance into a 402 JSON error).
+    (deploy/nginx/ turns insufficient_balance into a 402 JSON error). A caller
+    without the proxy secret (when one is set) gets 401.
     """
 
-    def __init__(self, gate: Gate, keys: AuthzKeys) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        keys: AuthzKeys,
+        *,
+        proxy_secret: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._gate = gate
         self._keys = keys
+        # Only a digest is kept: compared in constant time, never logged.
+        self._secret_digest = _digest(proxy_secret) if proxy_secret else None
+        self._ssl_context = ssl_context
+        self._read = (keys.account, keys.request_id, keys.cost, keys.capability)
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
@@ -173,7 +234,14 @@ class HttpAuthz:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None).start()
+        site = web.TCPSite(
+            self._runner,
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            ssl_context=self._ssl_context,
+        )
+        await site.start()
         return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
@@ -181,7 +249,29 @@ class HttpAuthz:
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        answer = await decide(self._gate, self._keys, headers, {})
-        status = answer.status if answer.status < 300 else 403
+        answer = self._refusal(request)
+        if answer is None:
+            headers = {name.lower(): value for name, value in request.headers.items()}
+            asked = Asked(headers, {}, price_from_headers=True)
+            answer = await decide(self._gate, self._keys, asked)
+        status = answer.status if answer.status < 300 or answer.status == 401 else 403
         return web.Response(status=status, headers=answer.headers, text=answer.body)
+
+    def _refusal(self, request: web.Request) -> HttpAnswer | None:
+        """Why this request is not even decided: no proxy secret, or a repeated header."""
+        if self._secret_digest is not None:
+            presented = request.headers.get(PROXY_SECRET_HEADER, "")
+            if not hmac.compare_digest(_digest(presented), self._secret_digest):
+                return error_answer(
+                    401, "proxy_unauthenticated", f"{PROXY_SECRET_HEADER}: missing or not valid"
+                )
+        for key in self._read:
+            if len(request.headers.getall(key, ())) > 1:
+                # Two copies: one may be the client's, passed through by a careless proxy.
+                return error_answer(400, "invalid_request", f"{key}: must appear once")
+        return None
+
+
+def _digest(secret: str) -> bytes:
+    # Equal-length inputs for compare_digest, whatever was presented.
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest()

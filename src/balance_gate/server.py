@@ -27,7 +27,12 @@ from prometheus_client import start_http_server
 
 from balance_gate import ext_authz, metrics
 from balance_gate.app import App
-from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
+from balance_gate.auth import (
+    AdminTokenInterceptor,
+    ProxyIdentities,
+    http_ssl_context,
+    tls_credentials,
+)
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
 from balance_gate.http_authz import AuthzKeys, HttpAuthz
 from balance_gate.settings import Settings, split_host_port
@@ -148,7 +153,18 @@ class Sidecar:
             reuse_port=reuse_port,
             limits=ServerLimits.gate(settings),
         )
-        self._http_authz = HttpAuthz(app.gate, authz_keys) if settings.http_authz_listen else None
+        self._http_authz = (
+            HttpAuthz(
+                app.gate,
+                authz_keys,
+                proxy_secret=settings.http_authz_secret.get_secret_value(),
+                ssl_context=http_ssl_context(
+                    settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+                ),
+            )
+            if settings.http_authz_listen
+            else None
+        )
         tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
             [ADMIN_SERVICE],
@@ -190,6 +206,13 @@ class Sidecar:
             # An evicted account would be reloaded from the ledger without the
             # usage still waiting in its stream: refuse writes, never forget.
             log.warning("Redis maxmemory-policy is %r; balance-gate needs 'noeviction'", policy)
+        if settings.allow_insecure_listen:
+            log.warning(
+                "BALANCE_GATE_ALLOW_INSECURE_LISTEN is on: listeners start without the"
+                " protection a non-loopback address needs (%s); never in production",
+                "; ".join(f"{name}: {needs}" for name, needs in settings.unprotected_listeners())
+                or "none lacks it now",
+            )
         if self._admin_open:
             # Settings allow this only on a loopback address (docs/security.md).
             log.warning(

@@ -292,11 +292,29 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
         description="ext_authz and HTTP endpoint: the header or context key of the capability.",
     )
-    authz_default_cost_micros: int = Field(
-        default=0,
+    authz_default_cost_micros: int | None = Field(
+        default=None,
         ge=0,
         le=MAX_REQUEST_MICROS_LIMIT,
-        description="ext_authz and HTTP endpoint: the cost when the request names none.",
+        description="ext_authz and HTTP endpoint: the cost when the request names none; unset:"
+        " such a request is refused (400), never served for free by omission.",
+    )
+    ext_authz_header_price: bool = Field(
+        default=False,
+        description="ext_authz: also read the cost and capability from request headers;"
+        " off: only the route's context_extensions set them, so a client header never sets"
+        " its own price.",
+    )
+    http_authz_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="HTTP endpoint: a secret the proxy sends in x-balance-gate-proxy-secret on"
+        " every request (compared in constant time; else 401); empty: none asked.",
+    )
+    allow_insecure_listen: bool = Field(
+        default=False,
+        description="Start listeners on non-loopback addresses without the protection they"
+        " need (gate: mutual TLS; HTTP endpoint: TLS plus client CA or http_authz_secret;"
+        " admin: TLS); logs a warning at every start. Never in production.",
     )
     low_balance_warning_micros: int = Field(
         default=1_000_000,
@@ -432,6 +450,35 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _protected_off_loopback(self) -> Settings:
+        """A listener another host can reach needs what stops a caller from lying."""
+        if self.allow_insecure_listen:
+            return self
+        for name, needs in self.unprotected_listeners():
+            raise ValueError(
+                f"{name} {getattr(self, name)!r} is not a loopback address: it needs {needs}"
+                " (or BALANCE_GATE_ALLOW_INSECURE_LISTEN=true, never in production)"
+            )
+        return self
+
+    def unprotected_listeners(self) -> list[tuple[str, str]]:
+        """(setting, what it lacks) of each non-loopback listener without its protection."""
+        tls = bool(self.tls_cert_file)
+        mutual = tls and bool(self.tls_client_ca_file)
+        lacking: list[tuple[str, str]] = []
+        if not mutual and not is_loopback(self.gate_address[0]):
+            lacking.append(("gate_listen", "mutual TLS (tls_cert_file, tls_client_ca_file)"))
+        if self.http_authz_listen and not is_loopback(split_host_port(self.http_authz_listen)[0]):
+            secret = bool(self.http_authz_secret.get_secret_value())
+            if not (mutual or (tls and secret)):
+                lacking.append(
+                    ("http_authz_listen", "TLS plus tls_client_ca_file or http_authz_secret")
+                )
+        if not tls and not is_loopback(split_host_port(self.admin_listen)[0]):
+            lacking.append(("admin_listen", "TLS (tls_cert_file) and an admin token"))
+        return lacking
+
+    @model_validator(mode="after")
     def _tls_files(self) -> Settings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
@@ -459,10 +506,20 @@ class Settings(BaseSettings):
 
     @cached_property
     def admin_token_values(self) -> tuple[SecretStr, ...]:
-        """The admin tokens of admin_tokens and admin_token_file; read once."""
-        tokens = parse_tokens(self.admin_tokens.get_secret_value())
+        """The admin tokens of admin_tokens and admin_token_file; read once.
+
+        A setting that is there but yields no token (" , ", a file of comments) is
+        refused: it reads as "protected" and would leave the admin API open.
+        """
+        raw = self.admin_tokens.get_secret_value()
+        tokens = parse_tokens(raw)
+        if raw and not tokens:
+            raise ValueError("admin_tokens is set but holds no token")
         if self.admin_token_file:
-            tokens += read_token_file(self.admin_token_file)
+            from_file = read_token_file(self.admin_token_file)
+            if not from_file:
+                raise ValueError(f"admin_token_file {self.admin_token_file!r} holds no token")
+            tokens += from_file
         return tuple(SecretStr(token) for token in tokens)
 
     @cached_property

@@ -13,6 +13,8 @@ from tests.conftest import RunningGate
 from tests.helpers import fund_over_grpc, rid
 
 CENT = 10_000
+# What the route's configuration sets (deploy/envoy/envoy.yaml): the price of a request.
+PRICED = {"x-balance-cost-micros": str(CENT)}
 
 
 def _check(headers: dict[str, str], extensions: dict[str, str] | None = None) -> Any:
@@ -33,9 +35,9 @@ async def _call(running: RunningGate, request: Any) -> Any:
 
 async def test_allowed_then_402_json_when_the_balance_cannot_pay(running: RunningGate) -> None:
     await fund_over_grpc(running.admin, "acme", 15_000)
-    request = {"x-balance-account": "acme", "x-balance-cost-micros": str(CENT)}
-    allowed = await _call(running, _check({**request, "x-request-id": rid()}))
-    denied = await _call(running, _check({**request, "x-request-id": rid()}))
+    request = {"x-balance-account": "acme"}
+    allowed = await _call(running, _check({**request, "x-request-id": rid()}, PRICED))
+    denied = await _call(running, _check({**request, "x-request-id": rid()}, PRICED))
 
     assert allowed.status.code == grpc.StatusCode.OK.value[0]
     assert _headers(allowed.ok_response.headers)["x-balance-gate-balance-micros"] == "5000"
@@ -64,7 +66,7 @@ async def test_context_extensions_win_over_client_headers(running: RunningGate) 
 
 
 async def test_a_missing_account_is_400_naming_the_header(running: RunningGate) -> None:
-    answer = await _call(running, _check({"x-request-id": rid()}))
+    answer = await _call(running, _check({"x-request-id": rid()}, PRICED))
     assert answer.denied_response.status.code == 400
     error = json.loads(answer.denied_response.body)["error"]
     assert error["code"] == "invalid_request"
@@ -74,12 +76,14 @@ async def test_a_missing_account_is_400_naming_the_header(running: RunningGate) 
 async def test_unknown_account_is_403_and_a_retry_is_not_charged_twice(
     running: RunningGate,
 ) -> None:
-    unknown = await _call(running, _check({"x-balance-account": "nobody", "x-request-id": rid()}))
+    unknown = await _call(
+        running, _check({"x-balance-account": "nobody", "x-request-id": rid()}, PRICED)
+    )
     assert unknown.denied_response.status.code == 403
     await fund_over_grpc(running.admin, "acme", CENT)
-    same = {"x-balance-account": "acme", "x-balance-cost-micros": str(CENT), "x-request-id": rid()}
-    first = await _call(running, _check(same))
-    retry = await _call(running, _check(same))
+    same = {"x-balance-account": "acme", "x-request-id": rid()}
+    first = await _call(running, _check(same, PRICED))
+    retry = await _call(running, _check(same, PRICED))
     assert first.status.code == 0
     assert retry.status.code == 0  # a replay of the allowed decision
     account = await running.app.hot.read_account("acme")

@@ -163,7 +163,10 @@ def test_a_non_loopback_admin_listener_needs_a_token(settings: Settings) -> None
     for address in ("0.0.0.0:50052", "10.1.2.3:50052", "[::]:50052", "admin.internal:50052"):
         with pytest.raises(ValidationError, match="not a loopback address"):
             with_settings(settings, admin_listen=address)
-        assert with_settings(settings, admin_listen=address, admin_tokens=TOKEN_A)
+        # The token requirement holds even where the TLS requirement is lifted.
+        assert with_settings(
+            settings, admin_listen=address, admin_tokens=TOKEN_A, allow_insecure_listen=True
+        )
     for address in ("127.0.0.1:0", "localhost:0", "[::1]:0", "127.3.4.5:0"):
         assert with_settings(settings, admin_listen=address).admin_token_values == ()
     with pytest.raises(ValidationError, match="admin_token_file: cannot read"):
