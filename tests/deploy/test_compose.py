@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from balance_gate.cli import build_parser
+from balance_gate.settings import is_loopback, split_host_port
 from tests.deploy.manifests import (
     DEPLOY,
     ROOT,
@@ -45,7 +46,14 @@ def test_the_stack_has_its_five_services_each_with_a_health_check(
     compose: dict[str, Any],
 ) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "postgres", "balance-gate", "prometheus", "grafana"}
+    assert set(services) == {
+        "redis",
+        "postgres",
+        "balance-gate",
+        "proxy",
+        "prometheus",
+        "grafana",
+    }
     for name, service in services.items():
         assert "image" in service, name
         test = service["healthcheck"]["test"]
@@ -106,6 +114,27 @@ def test_the_sidecar_env_is_a_valid_settings_with_an_admin_token(
     # The health check is a command the CLI knows.
     assert service["healthcheck"]["test"][1] == "balance-gate"
     build_parser().parse_args(service["healthcheck"]["test"][2:])
+
+
+def test_only_the_proxy_in_the_sidecars_namespace_reaches_the_gate(
+    compose: dict[str, Any],
+) -> None:
+    """Issue 12: the gate and HTTP endpoint believe their callers, so they listen on the
+    loopback of a namespace the proxy shares, and only the proxy's port is published."""
+    gate, proxy = compose["services"]["balance-gate"], compose["services"]["proxy"]
+    settings = sidecar_settings(gate["environment"])
+    assert settings.http_authz_listen
+    for address in (settings.gate_listen, settings.http_authz_listen, settings.admin_listen):
+        assert is_loopback(split_host_port(address)[0]), address
+    assert proxy["network_mode"] == "service:balance-gate"
+    assert _depends_on(proxy) == {"balance-gate": "service_healthy"}
+    assert gate["ports"] == ["127.0.0.1:8000:8000"]
+    assert "../nginx/balance-gate.conf:/etc/nginx/balance-gate.conf:ro" in proxy["volumes"]
+    # The shipped file listens where nginx in the shared namespace is reached.
+    nginx = (DEPLOY / "nginx" / "balance-gate.conf").read_text()
+    assert "listen 127.0.0.1:8000;" in nginx
+    assert "sed 's/listen 127.0.0.1:8000;/listen 8000;/'" in proxy["command"][2]
+    assert f"127.0.0.1:{settings.http_authz_listen.rsplit(':', 1)[1]};" in nginx
 
 
 def _seconds(duration: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from balance_gate.cli import build_parser
-from balance_gate.settings import Settings, split_host_port
+from balance_gate.settings import Settings, is_loopback, split_host_port
 from tests.deploy.manifests import DEPLOY, load_all, run_tool, sidecar_settings
 
 API_VERSIONS = {
@@ -61,18 +61,26 @@ def test_the_gate_runs_next_to_a_proxy_with_resources(objects: dict[str, Any]) -
     assert build_parser().parse_args(_gate(objects)["args"]).func.__name__ == "cmd_serve"
 
 
-def test_probes_use_grpc_health_on_a_declared_container_port(objects: dict[str, Any]) -> None:
+def test_probes_run_the_healthcheck_and_only_metrics_leaves_the_pod(
+    objects: dict[str, Any],
+) -> None:
+    """The gate, HTTP and admin listeners stay on the Pod's loopback (issue 12: they
+    believe their callers), so the kubelet, which dials the Pod IP, cannot probe them:
+    the probes run `balance-gate healthcheck` inside the container instead."""
     gate = _gate(objects)
-    ports = {p["containerPort"] for p in gate["ports"]}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gate[probe]["grpc"]["port"] in ports, probe
+        command = gate[probe]["exec"]["command"]
+        assert command[0] == "balance-gate", probe
+        assert build_parser().parse_args(command[1:]).func.__name__ == "cmd_healthcheck"
+        assert gate[probe]["timeoutSeconds"] > float(command[command.index("--timeout") + 1])
     settings = _settings(objects)
-    # The kubelet dials the Pod IP: the probed listener must not be loopback-only.
-    probed = gate["readinessProbe"]["grpc"]["port"]
-    addresses = (settings.gate_listen, settings.admin_listen, settings.metrics_listen)
-    listeners = {port: host for host, port in map(split_host_port, addresses)}
-    assert listeners[probed] == "0.0.0.0"
-    assert set(listeners) == ports
+    assert settings.http_authz_listen
+    on_loopback = (settings.gate_listen, settings.http_authz_listen, settings.admin_listen)
+    for address in on_loopback:
+        assert is_loopback(split_host_port(address)[0]), address
+    metrics_host, metrics_port = split_host_port(settings.metrics_listen)
+    assert metrics_host == "0.0.0.0"
+    assert {p["containerPort"] for p in gate["ports"]} == {metrics_port}
 
 
 def _settings(objects: dict[str, Any]) -> Settings:
