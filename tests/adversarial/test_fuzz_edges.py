@@ -29,7 +29,7 @@ TARGET = "fuzz-target"
 KEYS = ["x-balance-account", "x-request-id", "x-balance-cost-micros", "x-balance-capability"]
 CLEAN_HTTP = {200, 400, 401, 402, 403, 404, 409, 429, 503}
 
-_text = st.text(st.characters(exclude_characters=UNNAMEABLE), max_size=40)
+_text = st.text(st.characters(codec="utf-8", exclude_characters=UNNAMEABLE), max_size=40)
 # Characters that look like what they are not: digits str.isdigit() accepts and int()
 # reads or refuses, a sign, spaces, controls.
 _tricky = st.lists(
