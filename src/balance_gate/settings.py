@@ -67,12 +67,14 @@ class Settings(BaseSettings):
         " read at start-up; added to admin_tokens.",
     )
     tls_cert_file: str = Field(
-        default="", description="PEM certificate chain both listeners serve; empty: plaintext."
+        default="",
+        description="PEM certificate chain every listener serves (gate, admin, HTTP endpoint);"
+        " empty: plaintext.",
     )
     tls_key_file: str = Field(default="", description="PEM private key of tls_cert_file.")
     tls_client_ca_file: str = Field(
         default="",
-        description="PEM CA certificates; set: both listeners require a client certificate"
+        description="PEM CA certificates; set: every listener requires a client certificate"
         " signed by one of them (mutual TLS).",
     )
     proxy_identities: dict[str, list[str]] = Field(
