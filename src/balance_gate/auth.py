@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -183,10 +183,14 @@ class ProxyIdentities:
 
         A caller that is not listed gets PermissionDenied.
         """
+        names = context.auth_context().get("x509_common_name") or ()
+        return self.listed(raw.decode("utf-8", "replace") for raw in names)
+
+    def listed(self, common_names: Iterable[str]) -> str | None:
+        """The first of a client certificate's common names that is a listed proxy (see proxy)."""
         if not self._prefixes:
             return None
-        for raw in context.auth_context().get("x509_common_name") or ():
-            name = raw.decode("utf-8", "replace")
+        for name in common_names:
             if name in self._prefixes:
                 return name
         raise errors.PermissionDenied("this client certificate is not a listed proxy")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from balance_gate import errors
+from balance_gate.auth import ProxyIdentities
 from balance_gate.constants import DenyCode
 from balance_gate.gate import Decision, Gate
 from balance_gate.settings import Settings
@@ -219,12 +220,15 @@ class HttpAuthz:
         *,
         proxy_secret: str = "",
         ssl_context: ssl.SSLContext | None = None,
+        identities: ProxyIdentities | None = None,
     ) -> None:
         self._gate = gate
         self._keys = keys
         # Only a digest is kept: compared in constant time, never logged.
         self._secret_digest = _digest(proxy_secret) if proxy_secret else None
         self._ssl_context = ssl_context
+        # With mutual TLS: which proxy certificate may debit which accounts (auth.py).
+        self._identities = identities or ProxyIdentities({})
         self._read = (keys.account, keys.request_id, keys.cost, keys.capability)
         self._runner: web.AppRunner | None = None
 
@@ -253,7 +257,7 @@ class HttpAuthz:
         if answer is None:
             headers = {name.lower(): value for name, value in request.headers.items()}
             asked = Asked(headers, {}, price_from_headers=True)
-            answer = await decide(self._gate, self._keys, asked)
+            answer = await decide(self._gate, self._keys, asked, self._may_debit(request))
         status = answer.status if answer.status < 300 or answer.status == 401 else 403
         return web.Response(status=status, headers=answer.headers, text=answer.body)
 
@@ -270,6 +274,23 @@ class HttpAuthz:
                 # Two copies: one may be the client's, passed through by a careless proxy.
                 return error_answer(400, "invalid_request", f"{key}: must appear once")
         return None
+
+    def _may_debit(self, request: web.Request) -> Callable[[str], None]:
+        """PermissionDenied for an account the calling proxy's certificate may not debit."""
+
+        def check(account_id: str) -> None:
+            proxy = self._identities.listed(_common_names(request))
+            self._identities.check_account(proxy, account_id)
+
+        return check
+
+
+def _common_names(request: web.Request) -> list[str]:
+    """The common names of the client certificate (mutual TLS), or none."""
+    transport = request.transport
+    peer = transport.get_extra_info("peercert") if transport is not None else None
+    subject = peer.get("subject", ()) if peer else ()
+    return [value for rdn in subject for key, value in rdn if key == "commonName"]
 
 
 def _digest(secret: str) -> bytes:

@@ -161,6 +161,7 @@ class Sidecar:
                 ssl_context=http_ssl_context(
                     settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
                 ),
+                identities=identities,
             )
             if settings.http_authz_listen
             else None

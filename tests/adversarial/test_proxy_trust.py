@@ -125,3 +125,41 @@ async def test_the_http_endpoint_with_mutual_tls_refuses_a_caller_without_a_cert
         status, answer = await _get(url, {"x-request-id": rid()}, ssl=proxy)
         # Reached the gate: a request naming no account is refused by it, not by TLS.
         assert (status, answer["x-balance-gate-code"]) == (403, "invalid_request")
+
+
+async def test_proxy_identities_limit_what_a_certificate_may_debit_over_http(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The same rule as on the gate port: a listed proxy debits only its account prefixes."""
+    ca = CertificateAuthority("http identities CA")
+    files = tls_files(tmp_path, ca)
+    key, cert = ca.issue("proxy-a")
+    (tmp_path / "proxy.key").write_bytes(key)
+    (tmp_path / "proxy.pem").write_bytes(cert)
+    secured = with_settings(
+        settings,
+        http_authz_listen="127.0.0.1:0",
+        proxy_identities={"proxy-a": ["acme-"]},
+        **files,
+    )
+    async with serving(secured) as (sidecar, listening):
+        await fund(sidecar.app, "acme-1", CENT)
+        await fund(sidecar.app, "victim", CENT)
+        url = f"https://127.0.0.1:{listening.http_authz_port}/authorize"
+        proxy = ssl.create_default_context(cafile=files["tls_client_ca_file"])
+        proxy.check_hostname = False
+        proxy.load_cert_chain(str(tmp_path / "proxy.pem"), str(tmp_path / "proxy.key"))
+        for account_id, expected in (("victim", (403, "permission_denied")), ("acme-1", None)):
+            headers = {
+                "x-balance-account": account_id,
+                "x-request-id": rid(),
+                "x-balance-cost-micros": str(CENT),
+            }
+            status, answer = await _get(url, headers, ssl=proxy)
+            if expected is None:
+                assert status == 200
+            else:
+                assert (status, answer["x-balance-gate-code"]) == expected
+        victim = await sidecar.app.hot.read_account("victim")
+        assert victim is not None
+        assert victim.balance_micros == CENT
