@@ -45,9 +45,7 @@ CENT = 10_000
 async def leasing_sidecar(settings: Settings) -> AsyncIterator[App]:
     """An App that leases every account, with its lease reporter and flusher running."""
     app = await App.open(
-        with_settings(
-            settings, lease_accounts="*", lease_min_rate=1, lease_report_interval_ms=5
-        ),
+        with_settings(settings, lease_accounts="*", lease_min_rate=1, lease_report_interval_ms=5),
         migrate=False,
     )
     await app.hot.ensure_usage_groups()
@@ -79,12 +77,14 @@ async def test_issue_12_item_7_a_leased_replay_of_a_redis_decision_with_another_
     async with leasing_sidecar(settings) as app:
         await fund(app, "acct", USD)
         first = await app.gate.authorize("acct", "r1", CENT, "")
-        assert first.allowed and not first.replayed
+        assert first.allowed
+        assert not first.replayed
         assert await _leases(app).acquire("acct", 20 * CENT) == 20 * CENT
         with pytest.raises(FailedPrecondition):
             await app.gate.authorize("acct", "r1", 5 * CENT, "")
         same = await app.gate.authorize("acct", "r1", CENT, "")
-        assert same.allowed and same.replayed
+        assert same.allowed
+        assert same.replayed
         await _leases(app).close()
         await wait_until_flushed(app)
         assert await ledger_balance(app, "acct") == USD - CENT

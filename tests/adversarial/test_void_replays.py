@@ -100,7 +100,7 @@ async def _run_late(
     """Run an authorize call in Redis as if it arrived now (late), bypassing the sidecar."""
     batcher: ScriptBatcher = app.hot._authorize
     await redis_client.script_load(batcher._source)
-    await redis_client.execute_command("EVALSHA", batcher._sha, len(keys), *keys, *args)
+    await redis_client.evalsha(batcher._sha, len(keys), *keys, *args)
 
 
 async def test_issue_12_item_3a_a_retry_after_a_void_that_ran_is_debited(
@@ -131,7 +131,8 @@ async def test_issue_12_item_3a_a_retry_after_a_void_that_ran_is_debited(
         assert not retry.replayed, "a voided request id must be decided afresh"
         assert await _balance(running.app, "acme") == FUNDS - probes - PRICE
         again = await running.gate.Authorize(request, timeout=DEADLINE_S)
-        assert again.allowed and again.replayed  # and charged once
+        assert again.allowed
+        assert again.replayed
         settled = await running.gate.Settle(
             gate_pb2.SettleRequest(
                 account_id="acme", request_id=request.request_id, amount_micros=PRICE // 2
@@ -175,7 +176,8 @@ async def test_issue_12_item_3a_a_retry_after_a_fence_is_debited_and_the_late_ca
         await _run_late(redis_client, running.app, late_keys, late_args)
         assert await _balance(running.app, "acme") == FUNDS - probes - PRICE
         again = await running.gate.Authorize(request, timeout=DEADLINE_S)
-        assert again.allowed and again.replayed
+        assert again.allowed
+        assert again.replayed
         await _assert_ledger_exact(running, "acme", probes + PRICE)
 
 
@@ -188,7 +190,8 @@ async def test_issue_12_item_3b_a_timed_out_retry_never_voids_the_original_debit
         warm = await _funded(running, "acme")
         request = authorize_request("acme", PRICE)
         first = await running.gate.Authorize(request, timeout=DEADLINE_S)
-        assert first.allowed and not first.replayed
+        assert first.allowed
+        assert not first.replayed
 
         proxy.set("pass", delay_s=0.4)
         retry = await running.gate.Authorize(request, timeout=DEADLINE_S)
@@ -248,19 +251,22 @@ async def test_issue_12_item_3_repeated_voids_of_one_request_id_keep_the_ledger_
         request = authorize_request("acme", PRICE)
         probes = warm
         for _ in range(3):
-            before = await redis_client.get(running.app.hot.keys.request("acme", request.request_id))
+            before = await redis_client.get(
+                running.app.hot.keys.request("acme", request.request_id)
+            )
             proxy.set("pass", delay_s=0.4)
             answer = await running.gate.Authorize(request, timeout=DEADLINE_S)
             assert not answer.allowed
 
             async def changed(previous: Any = before) -> bool:
                 key = running.app.hot.keys.request("acme", request.request_id)
-                return await redis_client.get(key) != previous
+                return bool(await redis_client.get(key) != previous)
 
             await _until(changed)  # the late call wrote its own record
             proxy.set("pass")
             probes += await _until_recovered(running, "acme")
             assert await _balance(running.app, "acme") == FUNDS - probes
         final = await running.gate.Authorize(request, timeout=DEADLINE_S)
-        assert final.allowed and not final.replayed
+        assert final.allowed
+        assert not final.replayed
         await _assert_ledger_exact(running, "acme", probes + PRICE)
