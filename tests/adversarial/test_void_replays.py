@@ -17,7 +17,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from balance_gate.app import App
-from balance_gate.redis_store import Call, ScriptBatcher
+from balance_gate.constants import ScriptCode
+from balance_gate.redis_store import Call, ScriptBatcher, VoidResult
 from balance_gate.v1 import gate_pb2
 from tests.conftest import RunningGate
 from tests.faults.conftest import (  # noqa: F401 - the fixture is used by name
@@ -25,7 +26,14 @@ from tests.faults.conftest import (  # noqa: F401 - the fixture is used by name
     assert_audit_clean,
     gate_through_proxy,
 )
-from tests.helpers import USD, authorize_request, fund_over_grpc, wait_until_flushed
+from tests.helpers import (
+    USD,
+    authorize_request,
+    fund,
+    fund_over_grpc,
+    rid,
+    wait_until_flushed,
+)
 
 DEADLINE_S = 2.0
 # One timed-out call must not open the breaker: the retry has to reach Redis.
@@ -270,3 +278,64 @@ async def test_issue_12_item_3_repeated_voids_of_one_request_id_keep_the_ledger_
         assert final.allowed
         assert not final.replayed
         await _assert_ledger_exact(running, "acme", probes + PRICE)
+
+
+async def test_request_records_of_the_previous_format_still_parse(app: App) -> None:
+    """Rolling upgrade: records written before attempt tokens ('<a>', '<a>:<s>') are
+    live decisions that no void undoes (they name no attempt)."""
+    await fund(app, "acme", FUNDS)
+    assert (await app.gate.authorize("acme", rid(), 1, "")).allowed  # loads the account
+    hot = app.hot
+    await hot.client.set(hot.keys.request("acme", "old-1"), str(PRICE))
+    await hot.client.set(hot.keys.request("acme", "old-2"), f"{PRICE}:{PRICE // 2}")
+
+    replay = await hot.authorize("acme", "old-1", PRICE, "", attempt="a1")
+    assert (replay.code, replay.replayed) == (ScriptCode.OK, True)
+    mismatch = await hot.authorize("acme", "old-1", PRICE + 1, "", attempt="a2")
+    assert mismatch.code == ScriptCode.AMOUNT_MISMATCH
+    assert await hot.void_attempt("acme", "old-1", "a1") == VoidResult.DONE
+    assert await hot.request_record("acme", "old-1") == str(PRICE)  # pinned, untouched
+    settled = await hot.settle("acme", "old-1", PRICE // 4)
+    assert (settled.code, settled.value) == (ScriptCode.OK, PRICE // 4 - PRICE)
+
+    again = await hot.settle("acme", "old-2", PRICE // 2)
+    assert (again.code, again.replayed) == (ScriptCode.OK, True)
+    refused = await hot.settle("acme", "old-2", PRICE)
+    assert refused.code == ScriptCode.ALREADY_SETTLED
+    assert await hot.void_attempt("acme", "old-2", "a3") == VoidResult.DONE
+
+
+async def test_issue_12_item_3_a_debit_is_undone_only_when_every_answered_attempt_was_voided(
+    app: App,
+) -> None:
+    """Script level: the writer and a replay both timed out (both voided): nobody was
+    answered allowed, so the debit goes back; the next attempt is generation 1. A request
+    replayed by more attempts than the record names is pinned: no void undoes it."""
+    await fund(app, "acme", FUNDS)
+    hot = app.hot
+    assert (await hot.authorize("acme", "r", PRICE, "", attempt="aa1")).code == ScriptCode.OK
+    assert (await hot.authorize("acme", "r", PRICE, "", attempt="aa2")).replayed
+    assert await hot.void_attempt("acme", "r", "aa1") == VoidResult.KEPT
+    assert await hot.void_attempt("acme", "r", "aa2") == VoidResult.UNDONE
+    assert await _balance(app, "acme") == FUNDS
+    retry = await hot.authorize("acme", "r", PRICE, "", attempt="aa3")
+    assert (retry.code, retry.replayed) == (ScriptCode.OK, False)
+    assert await _balance(app, "acme") == FUNDS - PRICE
+
+    assert (await hot.authorize("acme", "p", PRICE, "", attempt="bb0")).code == ScriptCode.OK
+    for n in range(1, 6):
+        assert (await hot.authorize("acme", "p", PRICE, "", attempt=f"bb{n}")).replayed
+    for n in range(6):
+        assert await hot.void_attempt("acme", "p", f"bb{n}") != VoidResult.UNDONE
+    assert await _balance(app, "acme") == FUNDS - 2 * PRICE
+
+    await app.flusher.drain()
+    rows = await app.pg._pool.fetch(
+        "SELECT request_id, kind, amount_micros FROM usage_events"
+        " WHERE account_id = 'acme' AND request_id LIKE 'r%' ORDER BY request_id, kind"
+    )
+    assert [(r["request_id"], r["kind"], r["amount_micros"]) for r in rows] == [
+        ("r", "authorize", PRICE),
+        ("r", "settle", -PRICE),
+        ("r\x1f1", "authorize", PRICE),
+    ]
