@@ -276,7 +276,7 @@ class Gate:
             metrics.SETTLES.labels("request_not_found").inc()
             raise NotFound(
                 f"request_id {request_id!r}: no allowed Authorize to settle "
-                "(never authorized, denied, or older than the request TTL)"
+                "(never authorized, denied, voided after a timeout, or older than the request TTL)"
             )
         if result.code == ScriptCode.ALREADY_SETTLED:
             metrics.SETTLES.labels("already_settled").inc()
