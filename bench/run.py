@@ -196,7 +196,11 @@ class Bench:
         if tool is None:
             print("redis-benchmark not found (apt-get install redis-tools): skipped")
             return
-        script_args = ["1", "-1", "172800", account, "r__rand_int__", "", "600", "1000000000", "0"]
+        # The last one is the attempt token the gate sends with every call (hex in real use).
+        script_args = [
+            "1", "-1", "172800", account, "r__rand_int__", "", "600", "1000000000", "0",
+            "a__rand_int__",
+        ]  # fmt: skip
         before = _balance(redis_port, keys[0])
         for label, pipeline in (("unpipelined", 1), ("pipelined_16", 16)):
             command = [

@@ -141,6 +141,7 @@ class App:
                 settings.fail_open_max_requests,
                 holder=f"outage-{consumer_name()}",
                 exists=accounts.ensure_loaded,
+                max_voids=settings.outage_max_voids,
             ),
             leases,
             shadow=AccountPrefixes.parse(settings.shadow_accounts),

@@ -56,6 +56,15 @@ class CircuitBreaker:
         """A decision was taken without Redis: recover at the next answer."""
         self._owed = True
 
+    def recover_now(self) -> None:
+        """The outage journal is full: settle it without waiting for an answered call.
+
+        It goes out as the probe while the circuit is open (admit), so a dead
+        Redis is not asked more often than by probes.
+        """
+        if self._recovering is None and self.admit():
+            self._recovering = asyncio.create_task(self._recover(), name="redis-recovery")
+
     def answered(self) -> None:
         """A call got its answer from Redis."""
         self._failures = 0

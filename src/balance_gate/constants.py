@@ -57,6 +57,8 @@ class ScriptCode:
     CAPABILITY_BLOCKED: Final = 11
     RATE_LIMITED: Final = 12
     BACKLOG_FULL: Final = 13
+    # authorize.lua: this attempt was voided before it arrived (its caller gave up).
+    VOIDED: Final = 14
 
 
 class DenyCode:

@@ -7,7 +7,9 @@ are raised as balance_gate.errors and mapped to gRPC codes by grpc_api.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,7 +53,22 @@ _DENIALS = {
     ScriptCode.CAPABILITY_BLOCKED: DenyCode.CAPABILITY_BLOCKED,
     ScriptCode.RATE_LIMITED: DenyCode.RATE_LIMITED,
     ScriptCode.BACKLOG_FULL: DenyCode.UNAVAILABLE,
+    ScriptCode.VOIDED: DenyCode.UNAVAILABLE,  # only a caller that had given up sees it
 }
+
+
+class AttemptTokens:
+    """A token per Authorize call sent to Redis, unique across sidecars: a random
+    prefix per process and a counter, in hex (lua/lib/records.lua relies on that)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(5)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
 _DECISION_COUNTERS = {
     result: metrics.AUTHORIZE_DECISIONS.labels(result)
     for result in ("allowed", *_DENIALS.values(), DenyCode.ACCOUNT_NOT_FOUND)
@@ -81,6 +98,7 @@ class Gate:
         self._shadow = shadow
         self._recall_wait_s = recall_wait_s
         self._recall_poll_s = recall_poll_s
+        self._attempts = AttemptTokens()
 
     async def authorize(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
@@ -113,14 +131,19 @@ class Gate:
                 result = await self._after_recall(account_id, request_id, amount_micros, capability)
         except HotUnavailable as exc:
             answer = self._outage.decide(
-                account_id, request_id, amount_micros, capability, sent=exc.sent
+                account_id,
+                request_id,
+                amount_micros,
+                capability,
+                sent=exc.sent,
+                attempt=exc.attempt,
             )
             if self._outage.entries:
                 self._breaker.owe()
             return self._decided(started, Decision(answer.allowed, answer.code, 0, answer.replayed))
         decision = self._decision(result)
-        if leases is not None and decision.allowed and not decision.replayed:
-            leases.observe(account_id, amount_micros)
+        if leases is not None and decision.allowed:
+            leases.observe(account_id, request_id, amount_micros, replayed=decision.replayed)
         return self._decided(started, decision)
 
     async def _after_recall(
@@ -146,10 +169,27 @@ class Gate:
     async def _authorize(
         self, account_id: str, request_id: str, amount_micros: int, capability: str
     ) -> ScriptResult:
-        """One authorize script call through the circuit breaker (HotUnavailable if not)."""
-        return await self._guarded(
-            lambda: self._hot.authorize(account_id, request_id, amount_micros, capability)
-        )
+        """One authorize script call through the circuit breaker (HotUnavailable if not).
+
+        Each call is an attempt with its own token, which a void of it names. A call
+        is sent only if the outage journal could hold its void (fail_closed): when
+        it is full, the journal's settling is started and the call is not sent.
+        """
+        if not self._outage.reserve():
+            self._breaker.recover_now()
+            raise HotUnavailable("outage journal full: settling it first", pipeline=None)
+        attempt = self._attempts.next()
+        try:
+            return await self._guarded(
+                lambda: self._hot.authorize(
+                    account_id, request_id, amount_micros, capability, attempt
+                )
+            )
+        except HotUnavailable as exc:
+            exc.attempt = attempt
+            raise
+        finally:
+            self._outage.release()  # before the caller journals a void of it
 
     async def _guarded(self, send: Callable[[], Awaitable[ScriptResult]]) -> ScriptResult:
         """Send a script call unless the circuit is open, and tell the breaker how it went."""
@@ -236,7 +276,7 @@ class Gate:
             metrics.SETTLES.labels("request_not_found").inc()
             raise NotFound(
                 f"request_id {request_id!r}: no allowed Authorize to settle "
-                "(never authorized, denied, or older than the request TTL)"
+                "(never authorized, denied, voided after a timeout, or older than the request TTL)"
             )
         if result.code == ScriptCode.ALREADY_SETTLED:
             metrics.SETTLES.labels("already_settled").inc()

@@ -2,6 +2,7 @@
 
     <prefix>:{<shard>}:acct:<account_id>                    hash: balance, unflushed, status
     <prefix>:{<shard>}:req:<len(account_id)>:<account_id>:<request_id>   request record
+                                                            (format: lua/lib/records.lua)
     <prefix>:{<shard>}:credit:<credit_id>                   credit applied marker
     <prefix>:{<shard>}:usage                                usage stream of the shard
     <prefix>:{<shard>}:topup:<account_id>                   "top-up triggered" flag

@@ -20,11 +20,18 @@ What stays exact (docs/leasing.md):
   reported, and a request some other path decided first is not charged again
   (its amount goes back into the lease).
 
-What leasing gives up: a request allowed from a lease that is retried on
-another sidecar is allowed there too (charged once, but the second answer is
-not marked replayed); and a sidecar killed with -9 loses the usage it had
-not reported yet (at most one report interval of that account's traffic on
-that sidecar). Off unless `lease_accounts` names the account.
+- a replay is answered as the Redis path answers it, for every request id
+  this sidecar decided recently on a covered account, on a lease or on the
+  normal path, whatever lease came and went since: the same amount is
+  `replayed`, another amount FAILED_PRECONDITION (issue 12). One memory per
+  sidecar holds them, bounded (_RECENT_IDS, oldest forgotten first).
+
+What leasing gives up: a request decided on another sidecar (or forgotten
+here) and retried on a lease is allowed from it: charged once (the report
+finds the record), but not marked replayed, and a retry with another amount
+is not refused; and a sidecar killed with -9 loses the usage it had not
+reported yet (at most one report interval of that account's traffic on that
+sidecar). Off unless `lease_accounts` names the account.
 """
 
 from __future__ import annotations
@@ -44,9 +51,10 @@ from balance_gate.redis_store import LeasedUse, LeaseReport, RedisStore
 
 log = logging.getLogger(__name__)
 
-_RECENT_IDS = 4_096  # request ids a lease remembers for local replays
+_RECENT_IDS = 65_536  # request ids a sidecar remembers for local replays (all accounts)
 _REPORT_EARLY_AT = 256  # pending uses that make a report go out before its interval
 _TAKE_COOLDOWN_S = 1.0  # after a refused grant, do not ask again this soon
+_MAX_COOLDOWNS = 10_000  # accounts remembered as refused; past it, the oldest go first
 _MAX_TRACKED_ACCOUNTS = 100_000
 _RESIZE_EVERY_S = 0.5  # how often a lease's target follows the measured spend
 _RECALL_POLL_S = 0.1  # how often leases with nothing to report look for a recall
@@ -78,7 +86,6 @@ class Lease:
     balance_seen: int = 0  # balance + leased in the last reply
     pending: list[LeasedUse] = field(default_factory=list)
     pending_micros: int = 0
-    recent: OrderedDict[str, int] = field(default_factory=OrderedDict)
     last_used: float = 0.0
     taking: bool = False  # a grant is asked for (or queued behind the lock)
     closing: bool = False  # released: no local decision, no new grant
@@ -108,7 +115,9 @@ class LeaseManager:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._rates: dict[str, _Rate] = {}
-        self._cooldown: dict[str, float] = {}
+        self._cooldown: dict[str, float] = {}  # account -> no grant asked before; bounded
+        # (account, request id) -> amount of recent allowed decisions on covered accounts.
+        self._decided: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._report_now = asyncio.Event()
         self._closed = False
@@ -127,7 +136,7 @@ class LeaseManager:
         now = self._clock()
         if now >= lease.usable_until:
             return None
-        prior = lease.recent.get(request_id)
+        prior = self._decided.get((account_id, request_id))
         if prior is not None:
             if prior != amount_micros:
                 raise FailedPrecondition(
@@ -141,9 +150,7 @@ class LeaseManager:
         lease.spent += amount_micros
         lease.pending.append(LeasedUse(request_id, amount_micros, capability))
         lease.pending_micros += amount_micros
-        lease.recent[request_id] = amount_micros
-        if len(lease.recent) > _RECENT_IDS:
-            lease.recent.popitem(last=False)  # O(1); a dict's first key is not
+        self._remember(account_id, request_id, amount_micros)
         lease.last_used = now
         if lease.remaining < lease.target // 2:
             self._refill(lease)
@@ -152,9 +159,15 @@ class LeaseManager:
         metrics.LEASED_AUTHORIZE.inc()
         return lease.balance_seen - lease.pending_micros, False
 
-    def observe(self, account_id: str, amount_micros: int) -> None:
-        """An allowed debit on the normal path: a busy covered account gets a lease."""
-        if self._closed or account_id in self._leases or not self.config.covers(account_id):
+    def observe(
+        self, account_id: str, request_id: str, amount_micros: int, *, replayed: bool = False
+    ) -> None:
+        """An allowed answer on the normal path: remembered for the leased path's replays;
+        and, a new debit, counted: a busy covered account gets a lease."""
+        if self._closed or not self.config.covers(account_id):
+            return
+        self._remember(account_id, request_id, amount_micros)
+        if replayed or account_id in self._leases:
             return
         now = self._clock()
         rate = self._rates.get(account_id)
@@ -172,11 +185,38 @@ class LeaseManager:
             return
         if now < self._cooldown.get(account_id, 0.0):
             return
+        self._cooldown.pop(account_id, None)
         want = int(rate.micros / elapsed * self.config.horizon_s)
         smallest = max(1, 4 * rate.micros // rate.count)
         lease = self._lease_for(account_id, max(want, smallest))
         lease.smallest = smallest
         self._refill(lease, smallest)
+
+    def _remember(self, account_id: str, request_id: str, amount_micros: int) -> None:
+        decided = self._decided
+        decided[(account_id, request_id)] = amount_micros
+        if len(decided) > _RECENT_IDS:
+            decided.popitem(last=False)  # O(1); a dict's first key is not
+
+    def _cool_down(self, account_id: str, until: float) -> None:
+        """No grant is asked for this account before `until`. Bounded: expired entries
+        go first, then the oldest (forgetting one only lets a grant be asked sooner)."""
+        cooldown = self._cooldown
+        cooldown.pop(account_id, None)  # re-inserted last: the dict stays in time order
+        cooldown[account_id] = until
+        if len(cooldown) <= _MAX_COOLDOWNS:
+            return
+        now = self._clock()
+        while cooldown:
+            oldest, ends = next(iter(cooldown.items()))
+            if ends > now and len(cooldown) <= _MAX_COOLDOWNS:
+                break
+            del cooldown[oldest]
+
+    @property
+    def cooldowns(self) -> int:
+        """Accounts remembered as refused a grant (bounded by _MAX_COOLDOWNS)."""
+        return len(self._cooldown)
 
     async def acquire(self, account_id: str, want_micros: int, smallest_micros: int = 1) -> int:
         """Take (or enlarge) this account's lease now; the micros granted (0: none)."""
@@ -232,7 +272,7 @@ class LeaseManager:
                     self.holder, lease.account_id, want, smallest, self.config.ttl_ms
                 )
                 if grant.granted_micros <= 0:
-                    self._cooldown[lease.account_id] = sent_at + _TAKE_COOLDOWN_S
+                    self._cool_down(lease.account_id, sent_at + _TAKE_COOLDOWN_S)
                     if lease.remaining == 0 and not lease.pending:
                         lease.closing = True
                         self._forget(lease)

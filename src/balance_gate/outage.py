@@ -2,9 +2,14 @@
 
 fail_closed: deny with code 'unavailable'. A call that had already been sent
 when it timed out may still run in Redis and debit a request the proxy was
-told was denied: it is journaled as a *void*: once Redis is back, it is settled
-to 0 if it ran, or fenced (recorded as settled at 0) so it never debits if it
-arrives later. The customer never pays for it.
+told was denied: it is journaled as a *void* of that attempt (its token, see
+lua/void_attempt.lua). Once Redis answers, the void gives back what that
+attempt itself wrote, unless another attempt was answered from it, and fences
+the attempt so it debits nothing if it arrives later; a retry of the request
+id is decided afresh. The customer never pays for it, and never gets it free.
+The void journal is bounded (max_voids): the gate sends a call only when a
+void of it would fit (reserve), so at the cap it answers 'unavailable' without
+sending, until the journal drains; no void is ever dropped.
 
 fail_open: allow, up to a budget per account for this outage, in this
 sidecar's memory. Each allowed request is journaled as a *debit* and charged
@@ -24,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from balance_gate import metrics
-from balance_gate.constants import DenyCode, ScriptCode
-from balance_gate.errors import FailedPrecondition
-from balance_gate.redis_store import LeasedUse, RedisStore
+from balance_gate.constants import DenyCode
+from balance_gate.errors import FailedPrecondition, Unavailable
+from balance_gate.redis_store import LeasedUse, RedisStore, VoidResult
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +52,7 @@ class OutageDecision:
 class _Owed:
     spent_micros: int = 0
     debits: dict[str, LeasedUse] = field(default_factory=dict)  # request_id -> use
-    voids: dict[str, int] = field(default_factory=dict)  # request_id -> amount sent
+    voids: dict[str, str] = field(default_factory=dict)  # attempt token -> request_id
 
 
 _DENIED = OutageDecision(False, DenyCode.UNAVAILABLE)
@@ -62,6 +67,7 @@ class OutageJournal:
         max_requests: int,
         holder: str,
         exists: Callable[[str], Awaitable[bool]],
+        max_voids: int = 100_000,
     ) -> None:
         self._hot = hot
         # Loads an account into Redis; False: there is no such account. A debit of
@@ -74,20 +80,51 @@ class OutageJournal:
         self._holder = holder  # never holds a lease: its reports are paid from the balance
         self._owed: dict[str, _Owed] = {}
         self._entries = 0
+        self._max_voids = max_voids
+        self._in_flight = 0  # fail_closed: calls sent or queued, each may become a void
 
     @property
     def entries(self) -> int:
         return self._entries
 
+    def reserve(self) -> bool:
+        """May an Authorize call be sent? fail_closed: only if its void would fit.
+
+        Every call reserved is released (release) when it ends, before a void of
+        it is journaled: entries + calls in flight never pass max_voids.
+        """
+        if self._mode != "fail_closed":
+            return True
+        if self._entries + self._in_flight >= self._max_voids:
+            return False
+        self._in_flight += 1
+        return True
+
+    def release(self) -> None:
+        if self._mode == "fail_closed":
+            self._in_flight -= 1
+
     def decide(
-        self, account_id: str, request_id: str, amount_micros: int, capability: str, *, sent: bool
+        self,
+        account_id: str,
+        request_id: str,
+        amount_micros: int,
+        capability: str,
+        *,
+        sent: bool,
+        attempt: str = "",
     ) -> OutageDecision:
-        """Answer one Authorize that Redis could not; `sent`: the call may have run."""
+        """Answer one Authorize that Redis could not; `sent`: the call may have run.
+
+        attempt: the token of the call that was sent (its void names it).
+        """
         if self._mode == "fail_closed":
             if sent:
+                if not attempt:
+                    raise ValueError("a sent Authorize call must carry its attempt token")
                 voids = self._owed.setdefault(account_id, _Owed()).voids
-                if request_id not in voids:
-                    voids[request_id] = amount_micros
+                if attempt not in voids:
+                    voids[attempt] = request_id
                     self._count(1)
             return self._denied()
         owed = self._owed.setdefault(account_id, _Owed())
@@ -150,9 +187,9 @@ class OutageJournal:
                 settled += len(chunk)
                 metrics.OUTAGE_REPLAYED.labels("debit").inc(len(chunk))
             while owed.voids:
-                request_id, amount = next(iter(owed.voids.items()))
-                await self._void(account_id, request_id, amount)
-                del owed.voids[request_id]
+                attempt, request_id = next(iter(owed.voids.items()))
+                await self._void(account_id, request_id, attempt)
+                del owed.voids[attempt]
                 self._count(-1)
                 settled += 1
                 metrics.OUTAGE_REPLAYED.labels("void").inc()
@@ -163,17 +200,13 @@ class OutageJournal:
         if self._entries == 0:
             self._owed.clear()
 
-    async def _void(self, account_id: str, request_id: str, amount_micros: int) -> None:
-        """Make sure a request the proxy was told was denied costs nothing.
-
-        Not run yet (it may still arrive late): fence it with a record settled
-        at 0, so it never debits. Ran: give the debit back (a settle to 0).
-        """
-        if await self._hot.fence_request(account_id, request_id, amount_micros):
-            return
-        record = await self._hot.request_record(account_id, request_id)
-        if record != str(amount_micros):  # already settled: nothing to undo
-            return
-        result = await self._hot.settle(account_id, request_id, 0)
-        if result.code != ScriptCode.OK:
-            log.warning("void of %r/%r: script code %d", account_id, request_id, result.code)
+    async def _void(self, account_id: str, request_id: str, attempt: str) -> None:
+        """Make sure an attempt the proxy was told was denied costs nothing, and that a
+        retry of its request id is decided afresh (lua/void_attempt.lua)."""
+        result = await self._hot.void_attempt(account_id, request_id, attempt)
+        if result == VoidResult.NOT_LOADED:
+            if not await self._exists(account_id):
+                return  # no such account: nothing was debited
+            result = await self._hot.void_attempt(account_id, request_id, attempt)
+        if result == VoidResult.NOT_LOADED:
+            raise Unavailable(f"void of {account_id!r}/{request_id!r}: account not loaded")

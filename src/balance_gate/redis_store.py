@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -33,17 +33,31 @@ from balance_gate.redis_client import execute_pipeline, is_cluster
 _KIND = {b"a": "authorize", b"s": "settle"}
 
 
-# Scripts that call the lease helpers get lib/leases.lua in front of them.
+# Scripts that call the lease helpers get lib/leases.lua in front of them, and
+# those that read or write request records lib/records.lua.
 _NEEDS_LEASE_LIB = frozenset({"authorize", "lease_take", "lease_report"})
+_NEEDS_RECORD_LIB = frozenset({"authorize", "settle", "lease_report", "void_attempt"})
 
 
 def script_source(name: str) -> str:
     """The exact source Redis runs for a script (make bench loads it too)."""
     lua = resources.files("balance_gate").joinpath("lua")
-    source = lua.joinpath(f"{name}.lua").read_text("utf-8")
+    parts = [lua.joinpath(f"{name}.lua").read_text("utf-8")]
+    if name in _NEEDS_RECORD_LIB:
+        parts.insert(0, lua.joinpath("lib", "records.lua").read_text("utf-8"))
     if name in _NEEDS_LEASE_LIB:
-        source = lua.joinpath("lib", "leases.lua").read_text("utf-8") + "\n" + source
-    return source
+        parts.insert(0, lua.joinpath("lib", "leases.lua").read_text("utf-8"))
+    return "\n".join(parts)
+
+
+class VoidResult:
+    """Codes of lua/void_attempt.lua."""
+
+    DONE: Final = 0
+    FENCED: Final = 1
+    KEPT: Final = 2
+    NOT_LOADED: Final = 3
+    UNDONE: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +123,14 @@ class HotUnavailable(Exception):
 
     pipeline: the number of the pipeline that carried the call, None if it was
     never sent. A sent call may have run: its outcome is unknown. Calls of one
-    pipeline fail together, and count as one failure of Redis.
+    pipeline fail together, and count as one failure of Redis. attempt: the
+    Authorize attempt's token (set by the gate), which its void names.
     """
 
     def __init__(self, message: str, *, pipeline: int | None) -> None:
         super().__init__(message)
         self.pipeline = pipeline
+        self.attempt = ""
 
     @property
     def sent(self) -> bool:
@@ -293,6 +309,7 @@ class RedisStore:
         self._sync: AsyncScript = client.register_script(script_source("sync_account"))
         self._ack = ScriptBatcher(client, script_source("ack_usage"), batch_max)
         self._set_fields: AsyncScript = client.register_script(script_source("set_fields"))
+        self._void: AsyncScript = client.register_script(script_source("void_attempt"))
         self._lot_take: AsyncScript = client.register_script(script_source("lot_take"))
         self._lease_take = ScriptBatcher(client, script_source("lease_take"), batch_max)
         self._lease_report = ScriptBatcher(client, script_source("lease_report"), batch_max)
@@ -300,9 +317,18 @@ class RedisStore:
     # --- the hot path -----------------------------------------------------
 
     async def authorize(
-        self, account_id: str, request_id: str, amount_micros: int, capability: str
+        self,
+        account_id: str,
+        request_id: str,
+        amount_micros: int,
+        capability: str,
+        attempt: str = "",
     ) -> ScriptResult:
-        """Raises HotUnavailable when Redis fails or is slower than the call timeout."""
+        """Raises HotUnavailable when Redis fails or is slower than the call timeout.
+
+        attempt: a token unique to this call, kept in the request record so that a
+        void of this call (void_attempt) undoes only what it wrote ('' : none).
+        """
         reply = await self._authorize.call(
             self.keys.hot(account_id).for_request(request_id),
             (
@@ -315,6 +341,7 @@ class RedisStore:
                 self._trigger_ttl,
                 self._backlog_max,
                 self._low_balance,
+                attempt,
             ),
         ).result()
         low = len(reply) > 3 and reply[3] == 1
@@ -374,22 +401,21 @@ class RedisStore:
 
     # --- account state ----------------------------------------------------
 
-    async def fence_request(self, account_id: str, request_id: str, amount_micros: int) -> bool:
-        """Record a request as settled at 0 unless it has a record; True if it had none.
+    async def void_attempt(self, account_id: str, request_id: str, attempt: str) -> int:
+        """Make a timed-out Authorize attempt cost nothing (lua/void_attempt.lua); a VoidResult.
 
-        A call that may still reach Redis late then finds the record and
-        debits nothing (authorize.lua answers it as a replay).
+        It undoes the attempt's own debit unless another attempt was answered
+        from it, and fences the attempt against a late arrival.
         """
-        fenced = await self.client.set(
-            self.keys.request(account_id, request_id),
-            f"{amount_micros}:0",
-            nx=True,
-            ex=int(self._request_ttl),
+        hot = self.keys.hot(account_id)
+        reply = await self._void(
+            keys=[hot.account, hot.request_prefix + request_id, hot.usage_stream],
+            args=[attempt, self._request_ttl, account_id, request_id],
         )
-        return bool(fenced)
+        return int(reply[0])
 
     async def request_record(self, account_id: str, request_id: str) -> str | None:
-        """A request's record: "<authorized>" or "<authorized>:<settled>"; None: unknown."""
+        """A request's record as stored (lua/lib/records.lua); None: unknown."""
         record = await self.client.get(self.keys.request(account_id, request_id))
         return None if record is None else cast(bytes, record).decode()
 

@@ -349,6 +349,14 @@ class Settings(BaseSettings):
         description="fail_open: most requests this sidecar remembers for debiting after an"
         " outage; beyond it, requests are denied 'unavailable'.",
     )
+    outage_max_voids: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="fail_closed: most timed-out calls this sidecar journals as voids"
+        " (to give back once Redis answers). At the cap it stops sending Authorize to"
+        " Redis and answers 'unavailable' until the journal drains; no void is dropped.",
+    )
     redis_call_timeout_ms: int = Field(
         default=500,
         ge=1,

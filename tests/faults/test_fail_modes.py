@@ -10,6 +10,8 @@ import grpc
 import pytest
 
 from balance_gate import metrics
+from balance_gate.constants import ScriptCode
+from balance_gate.redis_store import VoidResult
 from balance_gate.v1 import gate_pb2
 from tests.conftest import RunningGate
 from tests.faults.conftest import GateThroughProxy, assert_audit_clean
@@ -154,7 +156,8 @@ async def test_fail_closed_never_charges_a_call_that_timed_out(
         assert account is not None
         assert account.balance_micros == 10 * USD - 1 - spent
         record = await running.app.hot.request_record("acme", late.request_id)
-        assert record == f"{USD}:0"  # settled to 0, or fenced as settled at 0
+        assert record is not None
+        assert record.startswith("v")  # voided: given back if it ran, fenced if not
         await assert_audit_clean(running.app)
 
 
@@ -179,18 +182,26 @@ async def test_settle_answers_unavailable_while_redis_is_cut(
         await assert_audit_clean(running.app)
 
 
-async def test_a_fenced_request_that_arrives_late_debits_nothing(
+async def test_a_fenced_attempt_that_arrives_late_debits_nothing(
     gate_through_proxy: GateThroughProxy,
 ) -> None:
     async with gate_through_proxy() as (running, _):
         await fund_over_grpc(running.admin, "acme", USD)
-        assert await running.app.hot.fence_request("acme", "late-1", 1_000)
-        late = await running.gate.Authorize(authorize_request("acme", 1_000, "late-1"))
-        assert late.replayed  # it finds the fence: no debit
-        assert not await running.app.hot.fence_request("acme", "late-1", 1_000)
-        account = await running.app.hot.read_account("acme")
+        hot = running.app.hot
+        assert await hot.void_attempt("acme", "late-1", "abc1") == VoidResult.FENCED
+        late = await hot.authorize("acme", "late-1", 1_000, "", attempt="abc1")
+        assert late.code == ScriptCode.VOIDED  # it finds its own fence: no debit
+        assert await hot.void_attempt("acme", "late-1", "abc1") == VoidResult.DONE
+        account = await hot.read_account("acme")
         assert account is not None
         assert account.balance_micros == USD
+        # A retry (another attempt) is decided afresh and debited.
+        retry = await running.gate.Authorize(authorize_request("acme", 1_000, "late-1"))
+        assert retry.allowed
+        assert not retry.replayed
+        account = await hot.read_account("acme")
+        assert account is not None
+        assert account.balance_micros == USD - 1_000
         await assert_audit_clean(running.app)
 
 

@@ -1,9 +1,9 @@
 --[[
   Decide one proxied request: de-duplicate, check, debit, record usage. Atomic.
-  (lib/leases.lua is prepended.)
+  (lib/leases.lua and lib/records.lua are prepended.)
 
   KEYS[1] account hash    {balance, unflushed, status, leased, recall, at_on, at_thr, floor}
-  KEYS[2] request record  "<authorized>" or "<authorized>:<settled>", expires after ARGV[3] s
+  KEYS[2] request record  (lib/records.lua), expires after ARGV[3] s
   KEYS[3] usage stream of the account's shard
   KEYS[4] the account's "top-up triggered" flag (expires: a lost trigger never blocks)
   KEYS[5] top-up trigger stream of the account's shard
@@ -17,6 +17,14 @@
   ARGV[7] lifetime of a trigger flag in seconds
   ARGV[8] most entries the usage stream may hold (Postgres away: usage waits there)
   ARGV[9] the low-balance warning level when auto top-up is off or paused
+  ARGV[10] this attempt's token (unique per call the sidecar sends; '' or absent: none)
+
+  Replays and voids (issue 12): the record names the attempts answered from it
+  ('+'), so that a void (void_attempt.lua) of an attempt that timed out undoes
+  only a debit no answered attempt relies on. A replay adds its own attempt
+  (it was answered from the record). A voided record is no decision: the
+  request is decided afresh, as the record's next generation; an attempt that
+  was itself voided ('-') and arrives late is answered VOIDED and changes nothing.
 
   Balances returned are what the customer holds: balance + leased. A request
   is paid while the balance stays at or above 'floor' (0, or minus the credit
@@ -35,6 +43,8 @@
     2  ACCOUNT_DISABLED      nothing debited, nothing recorded
     3  NOT_LOADED            the account is not in Redis: load it from Postgres and retry
     4  AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
+    14 VOIDED                this attempt timed out and was voided before it arrived: its
+                             caller was answered 'unavailable' long ago; nothing changed
     11 CAPABILITY_BLOCKED    C4 stop-loss: the balance is at or below 'sl_at' and the
                              capability is in 'sl_caps' ("|cap|cap|")
     12 RATE_LIMITED          C4 stop-loss: more than 'sl_rate' requests per second
@@ -62,13 +72,32 @@ local function maybe_trigger(held)
   end
 end
 
+local attempt = ARGV[10] or ''
+local gen = 0
+local voided_attempts = {}
 local prior = redis.call('GET', KEYS[2])
 if prior then
-  local authorized = string.match(prior, '^(%d+)')
-  if authorized ~= ARGV[1] then
-    return {4, balance + leased, 0}
+  local record = parse_record(prior)
+  if attempt ~= '' and index_of(record.voided_attempts, attempt) then
+    return {14, balance + leased, 0}
   end
-  return {0, balance + leased, 1}
+  if not record.voided then
+    if record.authorized ~= ARGV[1] then
+      return {4, balance + leased, 0}
+    end
+    -- Answered from this decision: a void of the attempt that wrote it must keep it.
+    -- A pinned record (no '+') stays pinned; past MAX_ANSWERED attempts it is pinned.
+    if attempt ~= '' and #record.answered > 0 and not index_of(record.answered, attempt) then
+      if #record.answered >= MAX_ANSWERED then
+        record.answered = {}
+      else
+        record.answered[#record.answered + 1] = attempt
+      end
+      redis.call('SET', KEYS[2], format_record(record), 'KEEPTTL')
+    end
+    return {0, balance + leased, 1}
+  end
+  gen, voided_attempts = record.gen, record.voided_attempts
 end
 
 if status ~= 'active' then
@@ -115,8 +144,20 @@ if amount ~= 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
   redis.call('HINCRBY', KEYS[1], 'unflushed', ARGV[1])
 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
-redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ARGV[5], 'm', ARGV[1], 'c', ARGV[6])
+-- Written out rather than by format_record: this is the path every new request takes.
+local record = ARGV[1]
+if gen > 0 then
+  record = record .. ';' .. string.format('%d', gen)
+end
+if attempt ~= '' then
+  record = record .. '/+' .. attempt
+end
+for _, voided in ipairs(voided_attempts) do
+  record = record .. '/-' .. voided
+end
+redis.call('SET', KEYS[2], record, 'EX', ARGV[3])
+redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', ledger_request_id(ARGV[5], gen),
+  'm', ARGV[1], 'c', ARGV[6])
 maybe_trigger(balance + leased)
 local low = 0
 if account[3] == '1' then

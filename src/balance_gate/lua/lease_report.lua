@@ -1,6 +1,6 @@
 --[[
   A lease holder reports what it allowed, renews its lease, and may return it.
-  Atomic. (lib/leases.lua is prepended.)
+  Atomic. (lib/leases.lua and lib/records.lua are prepended.)
 
   KEYS[1] account hash      KEYS[2] the account's lease hash
   KEYS[3] usage stream of the account's shard
@@ -11,9 +11,13 @@
   ARGV[4] account_id   ARGV[5] request record TTL in s   ARGV[6] trigger flag TTL in s
   then per entry three values: request_id, amount, capability
 
-  Each entry is recorded once across all sidecars: if its request record
+  Each entry is recorded once across all sidecars: if a live request record
   already exists (another sidecar, or the normal path, decided it), it is not
-  charged again and its amount stays in the lease: the holder adds it back.
+  charged again and its amount stays in the lease: the holder adds it back;
+  the record is pinned (this allowed answer relies on it: no void may undo it).
+  A voided record (lib/records.lua) is no decision: the entry is recorded and
+  charged as the record's next generation. Records written here name no
+  attempt: pinned.
   Usage is paid from the holder's lease; if the lease is gone (it expired and
   was reclaimed), from the balance.
 
@@ -31,12 +35,26 @@ local function record_entries()
   for i = 6, #KEYS do
     local at = 3 * (i - 6) + 7
     local request_id, amount = ARGV[at], ARGV[at + 1]
-    if redis.call('SET', KEYS[i], amount, 'NX', 'EX', ARGV[5]) then
-      redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r', request_id, 'm', amount,
-        'c', ARGV[at + 2])
-      used = used + tonumber(amount)
-    else
+    local prior = redis.call('GET', KEYS[i])
+    local gen, voided_attempts = 0, {}
+    if prior then
+      local record = parse_record(prior)
+      if record.voided then
+        gen, voided_attempts = record.gen, record.voided_attempts
+        prior = nil
+      elseif #record.answered > 0 then
+        record.answered = {}
+        redis.call('SET', KEYS[i], format_record(record), 'KEEPTTL')
+      end
+    end
+    if prior then
       duplicates[#duplicates + 1] = request_id
+    else
+      redis.call('SET', KEYS[i], format_record({authorized = amount, gen = gen, answered = {},
+        voided_attempts = voided_attempts}), 'EX', ARGV[5])
+      redis.call('XADD', KEYS[3], '*', 'k', 'a', 'a', ARGV[4], 'r',
+        ledger_request_id(request_id, gen), 'm', amount, 'c', ARGV[at + 2])
+      used = used + tonumber(amount)
     end
   end
 end

@@ -1,8 +1,9 @@
 --[[
   Record the final cost of an authorized request: debit or credit the difference
-  to the authorized amount, once. Atomic.
+  to the authorized amount, once. Atomic. (lib/records.lua is prepended.)
 
-  KEYS[1] account hash    KEYS[2] request record    KEYS[3] usage stream of the shard
+  KEYS[1] account hash    KEYS[2] request record (lib/records.lua)
+  KEYS[3] usage stream of the shard
   KEYS[4] the account's top-up trigger flag    KEYS[5] top-up trigger stream of the shard
 
   ARGV[1] final amount (decimal integer string, >= 0)
@@ -11,13 +12,16 @@
 
   An extra debit that leaves the balance under the auto top-up threshold raises
   one trigger, as in authorize.lua. Balances are what the customer holds:
-  balance + leased (lib/leases.lua).
+  balance + leased (lib/leases.lua). A settled record is pinned (its attempts
+  are dropped): a proxy settled it, so no void may undo it. A voided record
+  is no decision: REQUEST_NOT_FOUND.
 
   Returns {code, balance, delta, replayed}
     0 OK                 delta = final - authorized; replayed = 1 when settled before with
                          this same amount (nothing changed this time)
     3 NOT_LOADED         load the account and retry
-    5 REQUEST_NOT_FOUND  no allowed request with that id (never seen, denied, or expired)
+    5 REQUEST_NOT_FOUND  no allowed request with that id (never seen, denied, voided, or
+                         expired)
     6 ALREADY_SETTLED    settled before with another amount; delta slot carries that amount
 ]]
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -28,7 +32,11 @@ if not record then
   return {5, 0, 0, 0}
 end
 
-local authorized, settled = string.match(record, '^(%d+):?(%d*)$')
+local decided = parse_record(record)
+if decided.voided then
+  return {5, 0, 0, 0}
+end
+local authorized, settled = decided.authorized, decided.settled
 if settled ~= '' then
   if settled ~= ARGV[1] then
     return {6, 0, tonumber(settled), 0}
@@ -47,7 +55,8 @@ if delta ~= 0 then
 else
   balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 end
-redis.call('SET', KEYS[2], authorized .. ':' .. ARGV[1], 'KEEPTTL')
+redis.call('SET', KEYS[2], format_record({authorized = authorized, settled = ARGV[1],
+  gen = decided.gen, answered = {}, voided_attempts = {}}), 'KEEPTTL')
 local auto = redis.call('HMGET', KEYS[1], 'at_on', 'at_thr', 'leased')
 balance = balance + tonumber(auto[3] or '0')
 if auto[1] == '1' and balance < tonumber(auto[2]) then
@@ -55,5 +64,6 @@ if auto[1] == '1' and balance < tonumber(auto[2]) then
     redis.call('XADD', KEYS[5], '*', 'a', ARGV[2])
   end
 end
-redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[2], 'r', ARGV[3], 'm', string.format('%d', delta), 'c', '')
+redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[2], 'r', ledger_request_id(ARGV[3], decided.gen),
+  'm', string.format('%d', delta), 'c', '')
 return {0, balance, delta, 0}
