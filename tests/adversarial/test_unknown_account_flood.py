@@ -271,10 +271,12 @@ async def test_issue_12_item_5_a_flood_of_unknown_ids_leaves_flushes_and_credits
     assert figures.flood_answers.get("account_not_found", 0) > FLOOD_IDS // 2
     # Usage reaches Postgres about one flusher cycle after it is spent; the event
     # loop the flood shares stretches that, a stalled flusher much more.
-    assert _p99(lags) < 6 * cycle_s
-    assert max(lags) < 15 * cycle_s
+    # (Before the fix: median 951 ms, p99 2.8 s, max 3.4 s.)
+    assert statistics.median(lags) < 3 * cycle_s
+    assert _p99(lags) < 10 * cycle_s
+    assert max(lags) < 25 * cycle_s
     # A credit or top-up is a few Postgres round trips; queued behind the flood's
-    # loads (before the fix) it took seconds.
+    # loads (before the fix) it took seconds: medians 1.1 s and 2.5 s, top-up max 6.8 s.
     for latencies in (figures.credit_s, figures.top_up_s):
         assert statistics.median(latencies) < 2 * cycle_s
-        assert max(latencies) < 15 * cycle_s
+        assert max(latencies) < 25 * cycle_s
