@@ -87,7 +87,8 @@ async def test_issue_12_item_5_an_unknown_id_is_answered_while_its_shard_is_lock
     """A not-found lookup takes no shard lock: an exclusive holder cannot stall it.
 
     Before the fix, the lookup queued for the exclusive lock and hung until the
-    holder let go (here: the 20 s bound below).
+    holder let go; here it failed with TimeoutError after the statement timeout
+    (DATABASE_TIMEOUT_MS, 10 s).
     """
     ghost = f"ghost-{rid()}"
     async with app.pg.shard_lock([shard_of(ghost)], exclusive=True):
