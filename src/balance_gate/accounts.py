@@ -11,6 +11,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from balance_gate import metrics, validation
@@ -45,39 +47,79 @@ class AccountView:
 
 
 class NotFoundCache:
-    """Remembers unknown account ids briefly, so a flood of them cannot reach Postgres."""
+    """Remembers unknown account ids briefly, so a flood of them cannot reach Postgres.
 
-    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+    Bounded and least-recently-used: when full, the entry unused the longest is
+    dropped, never the whole cache. A hit does not extend an entry's TTL, so an
+    account created meanwhile shows up after at most ttl_s.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._ttl_s = ttl_s
         self._max_entries = max_entries
-        self._expiry: dict[str, float] = {}
+        self._clock = clock
+        self._expiry: OrderedDict[str, float] = OrderedDict()  # oldest use first
+
+    def __len__(self) -> int:
+        return len(self._expiry)
 
     def __contains__(self, account_id: str) -> bool:
         expiry = self._expiry.get(account_id)
         if expiry is None:
             return False
-        if expiry < time.monotonic():
+        if expiry <= self._clock():
             del self._expiry[account_id]
             return False
+        self._expiry.move_to_end(account_id)
         return True
 
     def add(self, account_id: str) -> None:
-        if self._ttl_s <= 0:
+        if self._ttl_s <= 0 or self._max_entries <= 0:
             return
-        if len(self._expiry) >= self._max_entries:
-            self._expiry.clear()
-        self._expiry[account_id] = time.monotonic() + self._ttl_s
+        now = self._clock()
+        self._expiry[account_id] = now + self._ttl_s
+        self._expiry.move_to_end(account_id)
+        self._drop_expired_from_the_front(now)
+        while len(self._expiry) > self._max_entries:
+            self._expiry.popitem(last=False)  # the least recently used
 
     def discard(self, account_id: str) -> None:
         self._expiry.pop(account_id, None)
 
+    def _drop_expired_from_the_front(self, now: float) -> None:
+        """Expired entries among the least recently used go at once (amortized O(1))."""
+        while self._expiry:
+            oldest, expiry = next(iter(self._expiry.items()))
+            if expiry > now:
+                return
+            del self._expiry[oldest]
+
 
 class Accounts:
-    def __init__(self, pg: PostgresStore, hot: RedisStore, not_found_ttl_s: float) -> None:
+    def __init__(
+        self,
+        pg: PostgresStore,
+        hot: RedisStore,
+        not_found_ttl_s: float,
+        *,
+        not_found_max_entries: int = 100_000,
+        load_slots: int = 4,
+        load_wait_s: float = 1.0,
+    ) -> None:
         self._pg = pg
         self._hot = hot
-        self._not_found = NotFoundCache(not_found_ttl_s)
+        self._not_found = NotFoundCache(not_found_ttl_s, not_found_max_entries)
         self._loading: dict[str, asyncio.Future[bool]] = {}
+        # Cold loads hold pool connections: bounded, so a flood of unknown ids always
+        # leaves connections to the flusher, credits and top-ups.
+        self._load_slots = asyncio.Semaphore(load_slots)
+        self._load_wait_s = load_wait_s
+        self.loads_in_progress = 0  # loads holding a slot now
 
     # --- loading ------------------------------------------------------------
 
@@ -86,22 +128,43 @@ class Accounts:
 
         Concurrent callers in this process share one load; across processes
         the shard's exclusive lock and the script's "only if missing" make the
-        load happen exactly once.
+        load happen exactly once. Unavailable when no load slot frees up within
+        load_wait_s (a flood of cold or unknown ids): the caller may retry.
         """
         if account_id in self._not_found:
             return False
         pending = self._loading.get(account_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._load(account_id))
+            pending = asyncio.ensure_future(self._load_in_a_slot(account_id))
             self._loading[account_id] = pending
             pending.add_done_callback(lambda _: self._loading.pop(account_id, None))
         # A cancelled caller must not cancel the load that others wait on.
         return await asyncio.shield(pending)
 
+    async def _load_in_a_slot(self, account_id: str) -> bool:
+        try:
+            async with asyncio.timeout(self._load_wait_s):
+                await self._load_slots.acquire()
+        except TimeoutError:
+            metrics.ACCOUNT_LOADS.labels("busy").inc()
+            raise Unavailable("too many account loads at once; retry") from None
+        self.loads_in_progress += 1
+        try:
+            return await self._load(account_id)
+        finally:
+            self.loads_in_progress -= 1
+            self._load_slots.release()
+
     async def _load(self, account_id: str) -> bool:
+        # A plain indexed read first: an unknown id never waits for, or holds,
+        # the shard's exclusive lock that flushes and credits queue behind.
+        if not await self._pg.account_exists(account_id):
+            self._not_found.add(account_id)
+            metrics.ACCOUNT_LOADS.labels("not_found").inc()
+            return False
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=True) as conn:
             snapshot = await self._pg.load_snapshot(conn, account_id)
-            if snapshot is None:
+            if snapshot is None:  # accounts are never deleted; kept for safety
                 self._not_found.add(account_id)
                 metrics.ACCOUNT_LOADS.labels("not_found").inc()
                 return False

@@ -127,7 +127,14 @@ class App:
             low_balance_micros=settings.low_balance_warning_micros,
         )
         pg = PostgresStore(pool)
-        accounts = Accounts(pg, hot, settings.not_found_cache_ms / 1000)
+        accounts = Accounts(
+            pg,
+            hot,
+            settings.not_found_cache_ms / 1000,
+            not_found_max_entries=settings.not_found_cache_entries,
+            load_slots=settings.account_load_slots,
+            load_wait_s=settings.account_load_wait_ms / 1000,
+        )
         leases = lease_manager(settings, hot)
         gate = Gate(
             hot,

@@ -50,7 +50,8 @@ POSTGRES_ERRORS = Counter(
 )
 ACCOUNT_LOADS = Counter(
     "balance_gate_account_loads",
-    "Loads of accounts from Postgres into Redis, by result: loaded, already_loaded, not_found.",
+    "Loads of accounts from Postgres into Redis, by result: loaded, already_loaded, not_found,"
+    " busy (no load slot free in time).",
     ["result"],
 )
 USAGE_FLUSHED = Counter(

@@ -146,6 +146,17 @@ class PostgresStore:
         )
         return None if row is None else _account(row)
 
+    async def account_exists(self, account_id: str) -> bool:
+        """A plain primary-key read, without any shard lock (issue 12 item 5).
+
+        Accounts are never deleted, so a "yes" stays true; a "no" may be
+        overtaken by a CreateAccount, which the not-found cache's TTL bounds.
+        """
+        found: bool = await self._pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = $1)", account_id
+        )
+        return found
+
     async def account_ids(self, after: str, limit: int) -> list[str]:
         rows = await self._pool.fetch(
             "SELECT account_id FROM accounts WHERE account_id > $1 ORDER BY account_id LIMIT $2",

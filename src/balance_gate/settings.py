@@ -247,6 +247,28 @@ class Settings(BaseSettings):
         ge=0,
         description="How long an unknown account_id is remembered, sparing Postgres a lookup.",
     )
+    not_found_cache_entries: int = Field(
+        default=100_000,
+        ge=0,
+        le=10_000_000,
+        description="Most unknown account_ids remembered per process; when full, the least"
+        " recently used is forgotten (never the whole cache).",
+    )
+    account_load_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=1_000,
+        description="Cold loads (accounts missing from Redis, unknown ids included) one process"
+        " runs at once, each on a Postgres connection; at most database_pool_size - 1 are used,"
+        " so a flood of unknown ids leaves the flusher, credits and top-ups a connection.",
+    )
+    account_load_wait_ms: int = Field(
+        default=1_000,
+        ge=0,
+        le=60_000,
+        description="How long a cold load waits for a free slot (account_load_concurrency)"
+        " before the call is answered UNAVAILABLE, to be retried.",
+    )
     workers: int = Field(
         default=1,
         ge=1,
@@ -531,6 +553,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"admin_token_file {self.admin_token_file!r} holds no token")
             tokens += from_file
         return tuple(SecretStr(token) for token in tokens)
+
+    @cached_property
+    def account_load_slots(self) -> int:
+        """account_load_concurrency, leaving at least one pool connection to everything else."""
+        return min(self.account_load_concurrency, self.database_pool_size - 1)
 
     @cached_property
     def gate_address(self) -> tuple[str, int]:
