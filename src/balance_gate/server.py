@@ -25,13 +25,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from balance_gate import ext_authz, metrics
+from balance_gate import decoding, ext_authz, metrics
 from balance_gate.app import App
 from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
 from balance_gate.http_authz import AuthzKeys, HttpAuthz
 from balance_gate.settings import Settings, split_host_port
-from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
+from balance_gate.v1 import admin_pb2, gate_pb2
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,10 @@ class Sidecar:
         authz_keys = AuthzKeys.from_settings(settings)
 
         def add_gate_services(server: grpc.aio.Server) -> None:
-            gate_pb2_grpc.add_BalanceGateServicer_to_server(
-                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities), server
+            decoding.add_servicer(  # a request that does not parse is INVALID_ARGUMENT
+                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities),
+                server,
+                gate_pb2.DESCRIPTOR.services_by_name["BalanceGate"],
             )
             ext_authz.add_to_server(server, app.gate, authz_keys, identities)
 
@@ -152,7 +154,7 @@ class Sidecar:
         tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
             [ADMIN_SERVICE],
-            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
+            lambda s: decoding.add_servicer(
                 AdminServicer(
                     app.accounts,
                     app.topups,
@@ -162,6 +164,7 @@ class Sidecar:
                     app.credit_reviews,
                 ),
                 s,
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"],
             ),
             reuse_port=reuse_port,
             limits=ServerLimits.admin(settings),
