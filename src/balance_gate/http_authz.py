@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from balance_gate import errors
+from balance_gate.connection_limits import ConnectionLimits, GuardedHttpServer
 from balance_gate.constants import DenyCode
 from balance_gate.gate import Decision, Gate
 from balance_gate.settings import Settings
@@ -162,16 +163,17 @@ class HttpAuthz:
     (deploy/nginx/ turns insufficient_balance into a 402 JSON error).
     """
 
-    def __init__(self, gate: Gate, keys: AuthzKeys) -> None:
+    def __init__(self, gate: Gate, keys: AuthzKeys, *, connection_limits: ConnectionLimits) -> None:
         self._gate = gate
         self._keys = keys
-        self._runner: web.AppRunner | None = None
+        self._connection_limits = connection_limits
+        self._runner: web.BaseRunner | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         """Serve on host:port (0: any free port); return the port."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Any path, any method; connections capped, slow headers cut (connection_limits).
+        server = GuardedHttpServer(self._handle, self._connection_limits, access_log=None)
+        self._runner = web.ServerRunner(server)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None).start()
         return int(self._runner.addresses[0][1])
@@ -180,7 +182,7 @@ class HttpAuthz:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
         headers = {name.lower(): value for name, value in request.headers.items()}
         answer = await decide(self._gate, self._keys, headers, {})
         status = answer.status if answer.status < 300 else 403

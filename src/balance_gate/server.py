@@ -28,6 +28,7 @@ from prometheus_client import start_http_server
 from balance_gate import decoding, ext_authz, metrics
 from balance_gate.app import App
 from balance_gate.auth import AdminTokenInterceptor, ProxyIdentities, tls_credentials
+from balance_gate.connection_limits import ConnectionLimits, grpc_options, reserve_descriptors
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
 from balance_gate.http_authz import AuthzKeys, HttpAuthz
 from balance_gate.settings import Settings, split_host_port
@@ -49,11 +50,15 @@ class ServerLimits:
     max_receive_bytes: int
     max_send_bytes: int
     max_concurrent_streams: int  # per connection
+    connections: ConnectionLimits  # how many, and how long slow or idle ones stay
 
     @classmethod
     def gate(cls, settings: Settings) -> ServerLimits:
         return cls(
-            settings.max_message_bytes, settings.max_message_bytes, settings.max_concurrent_streams
+            settings.max_message_bytes,
+            settings.max_message_bytes,
+            settings.max_concurrent_streams,
+            ConnectionLimits.from_settings(settings),
         )
 
     @classmethod
@@ -62,6 +67,7 @@ class ServerLimits:
             settings.max_message_bytes,
             settings.admin_max_send_bytes,
             settings.max_concurrent_streams,
+            ConnectionLimits.from_settings(settings),
         )
 
 
@@ -78,6 +84,7 @@ def server_options(limits: ServerLimits, *, reuse_port: bool) -> list[tuple[str,
         ("grpc.max_send_message_length", limits.max_send_bytes),
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: more calls on one connection wait.
         ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        *grpc_options(limits.connections),
     ]
 
 
@@ -150,7 +157,12 @@ class Sidecar:
             reuse_port=reuse_port,
             limits=ServerLimits.gate(settings),
         )
-        self._http_authz = HttpAuthz(app.gate, authz_keys) if settings.http_authz_listen else None
+        self._connection_limits = ConnectionLimits.from_settings(settings)
+        self._http_authz = (
+            HttpAuthz(app.gate, authz_keys, connection_limits=self._connection_limits)
+            if settings.http_authz_listen
+            else None
+        )
         tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
             [ADMIN_SERVICE],
@@ -201,6 +213,8 @@ class Sidecar:
                 self.app.settings.admin_listen,
             )
         metrics.USAGE_BACKLOG_SHARD_LIMIT.set(self.app.settings.usage_backlog_max)
+        listeners = 2 if self._http_authz is None else 3
+        reserve_descriptors(self._connection_limits, listeners)
         # (task name, interval, job, what a failure is logged as): cancelled on stop.
         periodic: list[tuple[str, int, Callable[[], Awaitable[object]], str]] = [
             (
