@@ -130,7 +130,7 @@ async def test_issue_12_item_9_idle_sockets_are_closed_within_the_timeouts(
         http_authz_listen="127.0.0.1:0",
         handshake_timeout_ms=2_000,
         http_authz_header_timeout_ms=2_000,
-        max_connections=10_000,
+        max_connections=5_000,  # above the flood: only the timeouts close sockets
     )
     with descriptors(4 * IDLE + 1_000):
         async with serving(short) as (_, listening):

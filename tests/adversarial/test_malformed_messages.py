@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from balance_gate.v1 import admin_pb2, gate_pb2
 from tests.conftest import RunningGate
@@ -142,3 +144,77 @@ async def test_issue_12_item_9_other_services_refuse_corrupt_messages_too(
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
     assert (raised.value.details() or "").startswith(f"{named}:")
     _no_python_in(raised.value.details() or "")
+
+
+CLEAN = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+VALID = authorize_request("fuzzed-account", 1_000, "fuzzed-request", "cap").SerializeToString()
+
+
+@st.composite
+def raw_messages(draw: st.DrawFn) -> bytes:
+    """Arbitrary bytes, or a valid message with a byte changed, cut short or extended."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=80))
+    raw = bytearray(VALID)
+    at = draw(st.integers(0, len(raw) - 1))
+    how = draw(st.sampled_from(["flip", "cut", "append"]))
+    if how == "flip":
+        raw[at] = draw(st.integers(0, 255))
+    elif how == "cut":
+        del raw[at:]
+    else:
+        raw += draw(st.binary(min_size=1, max_size=8))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("method", ["Authorize", "Settle"])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(raw=raw_messages())
+async def test_issue_12_item_9_raw_bytes_never_get_unknown(
+    running: RunningGate, method: str, raw: bytes
+) -> None:
+    """Hypothesis: whatever bytes arrive, the answer is OK or a clean refusal."""
+    code, details = grpc.StatusCode.OK, ""
+    try:
+        await _raw_unary(running, method)(raw)
+    except grpc.aio.AioRpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+    assert code in CLEAN, (raw, code, details)
+    _no_python_in(details)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(raws=st.lists(raw_messages(), min_size=1, max_size=8))
+async def test_issue_12_item_9_raw_bytes_on_a_stream_each_get_an_answer(
+    running: RunningGate, raws: list[bytes]
+) -> None:
+    """Hypothesis: a stream of arbitrary messages gets one answer per message and ends OK."""
+
+    async def feed() -> AsyncIterator[bytes]:
+        for raw in raws:
+            yield raw
+
+    stream = running.gate_channel.stream_stream(
+        f"{SERVICE}/AuthorizeStream",
+        request_serializer=None,
+        response_deserializer=gate_pb2.AuthorizeResponse.FromString,
+    )
+    call = stream(feed())
+    answers = [answer async for answer in call]
+    assert await call.code() == grpc.StatusCode.OK
+    assert len(answers) == len(raws)
+    for answer in answers:
+        assert answer.status_code in {code.value[0] for code in CLEAN}, answer
