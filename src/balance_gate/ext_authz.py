@@ -19,7 +19,7 @@ from envoy.service.auth.v3 import (
     external_auth_pb2_grpc,
 )
 
-from balance_gate import errors
+from balance_gate import decoding, errors
 from balance_gate.auth import ProxyIdentities
 from balance_gate.gate import Gate
 from balance_gate.http_authz import Asked, AuthzKeys, HttpAnswer, decide, error_answer
@@ -96,6 +96,9 @@ def check_response(answer: HttpAnswer) -> Any:
 def add_to_server(
     server: grpc.aio.Server, gate: Gate, keys: AuthzKeys, identities: ProxyIdentities
 ) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        ExtAuthzServicer(gate, keys, identities), server
+    # decoding: a CheckRequest that does not parse is INVALID_ARGUMENT, not UNKNOWN.
+    decoding.add_servicer(
+        ExtAuthzServicer(gate, keys, identities),
+        server,
+        external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"],
     )

@@ -23,6 +23,7 @@ from balance_gate.appeals import Appeal, Appeals
 from balance_gate.auth import ProxyIdentities
 from balance_gate.credit_lines import CreditLine, CreditLines
 from balance_gate.credit_reviews import CreditReviews, Review
+from balance_gate.decoding import Malformed
 from balance_gate.gate import Gate
 from balance_gate.payments import mask
 from balance_gate.refunds import RefundRow, Refunds
@@ -90,12 +91,15 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
         return await self._decide(request)
 
     async def AuthorizeStream(
-        self, request_iterator: AsyncIterator[gate_pb2.AuthorizeRequest], context: Context
+        self,
+        request_iterator: AsyncIterator[gate_pb2.AuthorizeRequest | Malformed],
+        context: Context,
     ) -> AsyncIterator[gate_pb2.AuthorizeResponse]:
         """Decide each request as it arrives; answer in the order decisions finish.
 
         A caller that is not a listed proxy is refused the whole stream; an account
-        it may not debit is one request's PERMISSION_DENIED status.
+        it may not debit is one request's PERMISSION_DENIED status, and a message
+        that does not parse (decoding.py) one request's INVALID_ARGUMENT.
         """
         try:
             proxy = self._identities.proxy(context)
@@ -106,7 +110,7 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
         room = asyncio.Semaphore(self._stream_max_in_flight)
         in_flight: set[asyncio.Task[None]] = set()
 
-        async def answer(request: gate_pb2.AuthorizeRequest) -> None:
+        async def answer(request: gate_pb2.AuthorizeRequest | Malformed) -> None:
             answers.put_nowait(await self._stream_answer(request, proxy))
 
         async def read_requests() -> None:
@@ -133,9 +137,11 @@ class BalanceGateServicer(gate_pb2_grpc.BalanceGateServicer):
                 task.cancel()
 
     async def _stream_answer(
-        self, request: gate_pb2.AuthorizeRequest, proxy: str | None
+        self, request: gate_pb2.AuthorizeRequest | Malformed, proxy: str | None
     ) -> gate_pb2.AuthorizeResponse:
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             self._identities.check_account(proxy, request.account_id)
             return await self._decide(request)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer

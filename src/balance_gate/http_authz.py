@@ -28,6 +28,7 @@ from aiohttp import web
 
 from balance_gate import errors
 from balance_gate.auth import ProxyIdentities
+from balance_gate.connection_limits import ConnectionLimits, GuardedHttpServer
 from balance_gate.constants import DenyCode
 from balance_gate.gate import Decision, Gate
 from balance_gate.settings import Settings
@@ -221,6 +222,7 @@ class HttpAuthz:
         proxy_secret: str = "",
         ssl_context: ssl.SSLContext | None = None,
         identities: ProxyIdentities | None = None,
+        connection_limits: ConnectionLimits,
     ) -> None:
         self._gate = gate
         self._keys = keys
@@ -230,13 +232,14 @@ class HttpAuthz:
         # With mutual TLS: which proxy certificate may debit which accounts (auth.py).
         self._identities = identities or ProxyIdentities({})
         self._read = (keys.account, keys.request_id, keys.cost, keys.capability)
-        self._runner: web.AppRunner | None = None
+        self._connection_limits = connection_limits
+        self._runner: web.BaseRunner | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool) -> int:
         """Serve on host:port (0: any free port); return the port."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        # Any path, any method; connections capped, slow headers cut (connection_limits).
+        server = GuardedHttpServer(self._handle, self._connection_limits, access_log=None)
+        self._runner = web.ServerRunner(server)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
@@ -252,7 +255,7 @@ class HttpAuthz:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
         answer = self._refusal(request)
         if answer is None:
             headers = {name.lower(): value for name, value in request.headers.items()}
@@ -261,7 +264,7 @@ class HttpAuthz:
         status = answer.status if answer.status < 300 or answer.status == 401 else 403
         return web.Response(status=status, headers=answer.headers, text=answer.body)
 
-    def _refusal(self, request: web.Request) -> HttpAnswer | None:
+    def _refusal(self, request: web.BaseRequest) -> HttpAnswer | None:
         """Why this request is not even decided: no proxy secret, or a repeated header."""
         if self._secret_digest is not None:
             presented = request.headers.get(PROXY_SECRET_HEADER, "")
@@ -275,7 +278,7 @@ class HttpAuthz:
                 return error_answer(400, "invalid_request", f"{key}: must appear once")
         return None
 
-    def _may_debit(self, request: web.Request) -> Callable[[str], None]:
+    def _may_debit(self, request: web.BaseRequest) -> Callable[[str], None]:
         """PermissionDenied for an account the calling proxy's certificate may not debit."""
 
         def check(account_id: str) -> None:
@@ -285,7 +288,7 @@ class HttpAuthz:
         return check
 
 
-def _common_names(request: web.Request) -> list[str]:
+def _common_names(request: web.BaseRequest) -> list[str]:
     """The common names of the client certificate (mutual TLS), or none."""
     transport = request.transport
     peer = transport.get_extra_info("peercert") if transport is not None else None

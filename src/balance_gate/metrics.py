@@ -33,6 +33,15 @@ RPC_ERRORS = Counter(
     "RPCs that ended with an error status, by method and gRPC status code.",
     ["method", "status"],
 )
+HTTP_AUTHZ_CONNECTIONS = Gauge(
+    "balance_gate_http_authz_connections",
+    "Connections the HTTP endpoint holds (at most BALANCE_GATE_MAX_CONNECTIONS).",
+)
+HTTP_AUTHZ_CONNECTIONS_CLOSED = Counter(
+    "balance_gate_http_authz_connections_closed",
+    "HTTP endpoint connections closed by a limit: over_limit, header_timeout.",
+    ["reason"],
+)
 ADMIN_AUTH_FAILURES = Counter(
     "balance_gate_admin_auth_failures",
     "Admin calls refused for their token, by reason: missing, not_bearer, invalid.",

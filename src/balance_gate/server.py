@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from balance_gate import ext_authz, metrics
+from balance_gate import decoding, ext_authz, metrics
 from balance_gate.app import App
 from balance_gate.auth import (
     AdminTokenInterceptor,
@@ -33,10 +33,11 @@ from balance_gate.auth import (
     http_ssl_context,
     tls_credentials,
 )
+from balance_gate.connection_limits import ConnectionLimits, grpc_options, reserve_descriptors
 from balance_gate.grpc_api import AdminServicer, BalanceGateServicer
 from balance_gate.http_authz import AuthzKeys, HttpAuthz
 from balance_gate.settings import Settings, split_host_port
-from balance_gate.v1 import admin_pb2, admin_pb2_grpc, gate_pb2, gate_pb2_grpc
+from balance_gate.v1 import admin_pb2, gate_pb2
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,15 @@ class ServerLimits:
     max_receive_bytes: int
     max_send_bytes: int
     max_concurrent_streams: int  # per connection
+    connections: ConnectionLimits  # how many, and how long slow or idle ones stay
 
     @classmethod
     def gate(cls, settings: Settings) -> ServerLimits:
         return cls(
-            settings.max_message_bytes, settings.max_message_bytes, settings.max_concurrent_streams
+            settings.max_message_bytes,
+            settings.max_message_bytes,
+            settings.max_concurrent_streams,
+            ConnectionLimits.from_settings(settings),
         )
 
     @classmethod
@@ -67,6 +72,7 @@ class ServerLimits:
             settings.max_message_bytes,
             settings.admin_max_send_bytes,
             settings.max_concurrent_streams,
+            ConnectionLimits.from_settings(settings),
         )
 
 
@@ -83,6 +89,7 @@ def server_options(limits: ServerLimits, *, reuse_port: bool) -> list[tuple[str,
         ("grpc.max_send_message_length", limits.max_send_bytes),
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: more calls on one connection wait.
         ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        *grpc_options(limits.connections),
     ]
 
 
@@ -142,8 +149,10 @@ class Sidecar:
         authz_keys = AuthzKeys.from_settings(settings)
 
         def add_gate_services(server: grpc.aio.Server) -> None:
-            gate_pb2_grpc.add_BalanceGateServicer_to_server(
-                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities), server
+            decoding.add_servicer(  # a request that does not parse is INVALID_ARGUMENT
+                BalanceGateServicer(app.gate, settings.stream_max_in_flight, identities),
+                server,
+                gate_pb2.DESCRIPTOR.services_by_name["BalanceGate"],
             )
             ext_authz.add_to_server(server, app.gate, authz_keys, identities)
 
@@ -153,6 +162,7 @@ class Sidecar:
             reuse_port=reuse_port,
             limits=ServerLimits.gate(settings),
         )
+        self._connection_limits = ConnectionLimits.from_settings(settings)
         self._http_authz = (
             HttpAuthz(
                 app.gate,
@@ -162,6 +172,7 @@ class Sidecar:
                     settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
                 ),
                 identities=identities,
+                connection_limits=self._connection_limits,
             )
             if settings.http_authz_listen
             else None
@@ -169,7 +180,7 @@ class Sidecar:
         tokens = [token.get_secret_value() for token in settings.admin_token_values]
         self._admin, self._admin_health = _listener(
             [ADMIN_SERVICE],
-            lambda s: admin_pb2_grpc.add_AdminServicer_to_server(
+            lambda s: decoding.add_servicer(
                 AdminServicer(
                     app.accounts,
                     app.topups,
@@ -179,6 +190,7 @@ class Sidecar:
                     app.credit_reviews,
                 ),
                 s,
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"],
             ),
             reuse_port=reuse_port,
             limits=ServerLimits.admin(settings),
@@ -222,6 +234,8 @@ class Sidecar:
                 self.app.settings.admin_listen,
             )
         metrics.USAGE_BACKLOG_SHARD_LIMIT.set(self.app.settings.usage_backlog_max)
+        listeners = 2 if self._http_authz is None else 3
+        reserve_descriptors(self._connection_limits, listeners)
         # (task name, interval, job, what a failure is logged as): cancelled on stop.
         periodic: list[tuple[str, int, Callable[[], Awaitable[object]], str]] = [
             (

@@ -101,6 +101,68 @@ class Settings(BaseSettings):
         description="Calls open at once on one client connection (HTTP/2 streams); grpc"
         " refuses more with UNAVAILABLE.",
     )
+    # Idle and slow connections (connection_limits.py, docs/security.md#connections).
+    max_connections: int = Field(
+        default=1_000,
+        ge=1,
+        le=100_000,
+        description="Connections each listener (gate, admin, HTTP endpoint) holds at once;"
+        " one more is closed as it arrives.",
+    )
+    handshake_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=300_000,
+        description="Time a new gRPC connection has to finish TLS and send the HTTP/2"
+        " preface and SETTINGS; then it is closed.",
+    )
+    connection_idle_timeout_ms: int = Field(
+        default=300_000,
+        ge=1_000,
+        le=86_400_000,
+        description="A gRPC connection without a call for this long is sent away (GOAWAY);"
+        " the client reconnects on its next call.",
+    )
+    connection_max_age_ms: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 86_400_000,
+        description="A gRPC connection this old is sent away (GOAWAY), e.g. to spread clients"
+        " over restarted replicas; 0: never (an AuthorizeStream lives for hours).",
+    )
+    connection_max_age_grace_ms: int = Field(
+        default=60_000,
+        ge=0,
+        le=86_400_000,
+        description="After connection_max_age_ms, how long the connection's calls may go on"
+        " before they are cut.",
+    )
+    keepalive_time_ms: int = Field(
+        default=60_000,
+        ge=10_000,
+        le=7_200_000,
+        description="The gRPC listeners ping a connection that has been quiet this long.",
+    )
+    keepalive_timeout_ms: int = Field(
+        default=20_000,
+        ge=1_000,
+        le=600_000,
+        description="A ping unanswered this long closes the connection (a dead peer).",
+    )
+    http_authz_header_timeout_ms: int = Field(
+        default=10_000,
+        ge=100,
+        le=300_000,
+        description="Time a new HTTP endpoint connection has to send its first request's"
+        " headers; then it is answered 408 and closed.",
+    )
+    http_authz_idle_timeout_ms: int = Field(
+        default=180_000,
+        ge=1_000,
+        le=86_400_000,
+        description="An HTTP endpoint connection waiting this long for its next request is"
+        " closed; longer than the proxies' own keep-alive (nginx 60 s, Traefik 90 s).",
+    )
     metrics_listen: str = Field(
         default="127.0.0.1:9464", description="host:port serving Prometheus /metrics."
     )
