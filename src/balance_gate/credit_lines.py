@@ -5,13 +5,13 @@ under the shard's shared lock, like a credit.
 Built so far: the limit (authorize.lua's floor), the C4 stop-loss (high-cost
 capabilities blocked and an optional rate cap once the balance reaches the
 stop-loss point, in authorize.lua), the deposit, the review schedule and the C2
-profile. Not yet: C3 reviews.
+profile. Capability names are kept in one spelling (validation.normalize_capability).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import asyncpg
 
@@ -68,11 +68,14 @@ def _check(line: CreditLine) -> None:
             "high_cost_capabilities", f"at most {MAX_HIGH_COST_CAPABILITIES} entries"
         )
     for capability in line.high_cost_capabilities:
-        if not capability or len(capability.encode()) > MAX_CAPABILITY_BYTES:
+        # As a request's capability is checked (raw), then normalized: the same names fit.
+        if len(capability.encode()) > MAX_CAPABILITY_BYTES:
             raise InvalidArgument(
-                "high_cost_capabilities", f"each must be 1 to {MAX_CAPABILITY_BYTES} bytes"
+                "high_cost_capabilities", f"each must be at most {MAX_CAPABILITY_BYTES} bytes"
             )
         validation.check_capability(capability)
+        if not validation.normalize_capability(capability):
+            raise InvalidArgument("high_cost_capabilities", "each must name a capability")
     if line.entity:
         validation.check_reason(line.entity, field="entity")
 
@@ -86,6 +89,11 @@ class CreditLines:
     async def set(self, line: CreditLine) -> CreditLine:
         """Create or change the account's line (C1: the operator sets the limit)."""
         _check(line)
+        # C4: stored in the spelling requests are compared in (validation.normalize_capability).
+        line = replace(
+            line,
+            high_cost_capabilities=validation.normalized_capabilities(line.high_cost_capabilities),
+        )
         async with self._pg.shard_lock([shard_of(line.account_id)], exclusive=False) as conn:
             try:
                 await conn.execute(
@@ -143,5 +151,8 @@ class CreditLines:
         if row is None:
             raise NotFound(f"account {account_id!r} has no credit line")
         values = dict(row)
-        values["high_cost_capabilities"] = tuple(values["high_cost_capabilities"])
+        # Lines stored before names were normalized are read normalized (C4).
+        values["high_cost_capabilities"] = validation.normalized_capabilities(
+            values["high_cost_capabilities"]
+        )
         return CreditLine(**values)

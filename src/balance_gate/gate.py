@@ -25,7 +25,12 @@ from balance_gate.leases import LeaseManager
 from balance_gate.outage import OutageJournal
 from balance_gate.prefixes import NO_ACCOUNTS, AccountPrefixes
 from balance_gate.redis_store import HotUnavailable, RedisStore, ScriptResult
-from balance_gate.validation import check_capability, check_id, check_request_amount
+from balance_gate.validation import (
+    check_capability,
+    check_id,
+    check_request_amount,
+    normalize_capability,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +119,8 @@ class Gate:
         check_id("request_id", request_id)
         check_request_amount("amount_micros", amount_micros, self._max_request_micros)
         check_capability(capability)
+        # C4: one spelling for the lease, the script, the outage journal and the ledger.
+        capability = normalize_capability(capability)
 
         leases = self._leases
         if leases is not None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from balance_gate.constants import SHARD_COUNT
+from balance_gate.validation import normalized_capabilities
 
 
 def shard_of(account_id: str) -> int:
@@ -126,13 +127,16 @@ def credit_line_fields(
     """How a credit line lives in the account hash: its floor (C1) and stop-loss (C4).
 
     '' removes a field (no stop-loss without a limit). sl_at: the balance at
-    and below which the stop-loss acts; sl_caps: "|cap|cap|"; sl_rate: per second.
+    and below which the stop-loss acts; sl_caps: "|cap|cap|", names normalized
+    here (lines stored before normalization are normalized when loaded);
+    sl_rate: per second.
     """
     if limit_micros == 0:
         return {"floor": "0", "sl_at": "", "sl_caps": "", "sl_rate": ""}
+    names = normalized_capabilities(capabilities)
     return {
         "floor": str(-limit_micros),
         "sl_at": str(-(limit_micros * share_pct // 100)),
-        "sl_caps": "|" + "|".join(capabilities) + "|" if capabilities else "",
+        "sl_caps": "|" + "|".join(names) + "|" if names else "",
         "sl_rate": str(rate_per_s) if rate_per_s else "",
     }

@@ -84,6 +84,9 @@ class Lease:
     usable_until: float = 0.0  # local clock; well before Redis's expiry
     renew_at: float = 0.0
     balance_seen: int = 0  # balance + leased in the last reply
+    # The credit line's stop-loss (C4) at the last grant: sl_at and "|cap|cap|".
+    stop_at: int | None = None
+    stop_caps: str = ""
     pending: list[LeasedUse] = field(default_factory=list)
     pending_micros: int = 0
     last_used: float = 0.0
@@ -143,6 +146,8 @@ class LeaseManager:
                     "request_id: already authorized with a different amount_micros"
                 )
             return lease.balance_seen - lease.pending_micros, True
+        if self._stop_loss_may_apply(lease, amount_micros, capability):
+            return None
         if amount_micros > lease.remaining:
             self._refill(lease)
             return None
@@ -158,6 +163,17 @@ class LeaseManager:
             self._report_now.set()
         metrics.LEASED_AUTHORIZE.inc()
         return lease.balance_seen - lease.pending_micros, False
+
+    @staticmethod
+    def _stop_loss_may_apply(lease: Lease, amount_micros: int, capability: str) -> bool:
+        """C4: what the stop-loss could refuse is left to authorize.lua, which sees the
+        balance of every sidecar: a high-cost (or unnamed) capability on a line that
+        names some, and any request this lease's view puts at or past the stop point
+        (the rate cap). `capability` is normalized (gate.py)."""
+        if lease.stop_caps and (not capability or f"|{capability}|" in lease.stop_caps):
+            return True
+        after = lease.balance_seen - lease.pending_micros - amount_micros
+        return lease.stop_at is not None and after <= lease.stop_at
 
     def observe(
         self, account_id: str, request_id: str, amount_micros: int, *, replayed: bool = False
@@ -279,6 +295,7 @@ class LeaseManager:
                     return 0
                 lease.remaining += grant.granted_micros
                 lease.balance_seen = grant.balance_micros
+                lease.stop_at, lease.stop_caps = grant.stop_at_micros, grant.stop_caps
                 self._renewed(lease, sent_at)
         finally:
             lease.taking = False

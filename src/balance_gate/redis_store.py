@@ -85,6 +85,10 @@ class LeaseGrant:
     granted_micros: int  # -1: the account is not in Redis
     balance_micros: int  # balance + leased after the grant
     held_micros: int  # this holder's whole lease now
+    # The credit line's stop-loss (C4) as the account hash holds it: sl_at (None: no
+    # stop-loss) and sl_caps ("|cap|cap|", '' : none).
+    stop_at_micros: int | None = None
+    stop_caps: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +367,10 @@ class RedisStore:
         reply = await self._lease_take.call(
             (hot.account, hot.leases), (holder, str(want_micros), str(min_micros), str(ttl_ms))
         ).reply
-        return LeaseGrant(reply[0], reply[1], reply[2])
+        stop_at, stop_caps = (reply[3], reply[4]) if len(reply) > 4 else (b"", b"")
+        return LeaseGrant(
+            reply[0], reply[1], reply[2], int(stop_at) if stop_at else None, stop_caps.decode()
+        )
 
     async def lease_report(
         self,

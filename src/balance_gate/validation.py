@@ -7,6 +7,7 @@ regular expression, no allocation beyond what the checks need.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from balance_gate import currencies
@@ -45,6 +46,22 @@ def check_capability(value: str) -> None:
         raise InvalidArgument("capability", f"must be at most {MAX_CAPABILITY_BYTES} bytes")
     if _CONTROL.search(value):
         raise InvalidArgument("capability", "must not contain control characters")
+
+
+def normalize_capability(value: str) -> str:
+    """The one spelling of a capability name (C4): surrounding space stripped, case-folded.
+
+    Used for a credit line's high-cost capabilities (when stored and when loaded)
+    and for every request's capability before it is decided, so that `GPT-4o`,
+    `gpt-4o ` and `gpt-4o` are one capability. Only whitespace-only becomes ''.
+    """
+    return value.strip().casefold()
+
+
+def normalized_capabilities(capabilities: Iterable[str]) -> tuple[str, ...]:
+    """A line's high-cost capabilities in their one spelling, without empties or repeats."""
+    names = (normalize_capability(name) for name in capabilities)
+    return tuple(dict.fromkeys(name for name in names if name))
 
 
 def check_request_amount(field: str, value: int, maximum: int) -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from balance_gate.app import App
 from balance_gate.credit_lines import CreditLine
+from balance_gate.errors import InvalidArgument
 from balance_gate.settings import Settings
 from tests.helpers import USD, fund, rid, with_settings
 
@@ -70,9 +71,7 @@ async def test_issue_13_item_8_c4_a_debit_landing_on_the_stop_point_is_past_it(
 
 
 @pytest.mark.parametrize("spelling", ["GPT-4o", "gpt-4o ", " Gpt-4O "])
-async def test_issue_13_item_8_c4_capability_names_are_normalized(
-    app: App, spelling: str
-) -> None:
+async def test_issue_13_item_8_c4_capability_names_are_normalized(app: App, spelling: str) -> None:
     """C4: past the stop point, another case or surrounding space is the same capability.
     Before the fix `GPT-4o` and `gpt-4o ` were paid while `gpt-4o` was blocked."""
     await _at_balance(app, "c4-case", -990 * CENT)
@@ -120,6 +119,8 @@ async def test_issue_13_item_8_c4_set_credit_line_stores_normalized_names(app: A
     await fund(app, "c4-set", 10 * CENT)
     stored = await app.credit_lines.set(_line("c4-set", " GPT-4o ", "o1", "O1"))
     assert stored.high_cost_capabilities == ("gpt-4o", "o1")
+    with pytest.raises(InvalidArgument, match="high_cost_capabilities"):
+        await app.credit_lines.set(_line("c4-set", "gpt-4o", "  "))
 
 
 @asynccontextmanager

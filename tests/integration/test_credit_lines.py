@@ -119,16 +119,23 @@ def _stop_loss_line(account_id: str, *, share: int = 50, rate: int = 0) -> Credi
 
 
 async def test_c4_past_the_stop_loss_point_high_cost_capabilities_are_blocked(app: App) -> None:
-    """C4: with half of a $2 line used, gpt-4o stops; plain requests go on to the limit."""
+    """C4: with half of a $2 line used, gpt-4o stops; plain requests go on to the limit.
+
+    A request that would end at or past the stop point is past it (issue 13 item 8),
+    and past it a request naming no capability is blocked like a high-cost one."""
     await fund(app, "c4", 1 * USD)
     await app.credit_lines.set(_stop_loss_line("c4", share=50))
     assert (await app.gate.authorize("c4", rid(), 150 * CENT, "gpt-4o")).allowed  # -0.50
-    assert (await app.gate.authorize("c4", rid(), 50 * CENT, "gpt-4o")).allowed  # -1.00: at it
+    landing = await app.gate.authorize("c4", rid(), 50 * CENT, "gpt-4o")  # would be -1.00
+    assert (landing.allowed, landing.code) == (False, "capability_blocked")
+    assert (await app.gate.authorize("c4", rid(), 49 * CENT, "gpt-4o")).allowed  # -0.99
     blocked = await app.gate.authorize("c4", rid(), 1 * CENT, "gpt-4o")
     assert (blocked.allowed, blocked.code) == (False, "capability_blocked")
-    assert (await app.gate.authorize("c4", rid(), 1 * CENT, "")).allowed  # plain: still paid
-    assert (await app.gate.authorize("c4", rid(), 99 * CENT, "small-model")).allowed  # -2.00
-    last = await app.gate.authorize("c4", rid(), 1, "")
+    unnamed = await app.gate.authorize("c4", rid(), 1 * CENT, "")
+    assert (unnamed.allowed, unnamed.code) == (False, "capability_blocked")
+    assert (await app.gate.authorize("c4", rid(), 1 * CENT, "small-model")).allowed  # -1.00
+    assert (await app.gate.authorize("c4", rid(), 100 * CENT, "small-model")).allowed  # -2.00
+    last = await app.gate.authorize("c4", rid(), 1, "small-model")
     assert (last.allowed, last.code) == (False, "insufficient_balance")  # only at the limit
     # A top-up pays the debt off: the stop-loss lifts by itself.
     await app.accounts.credit("c4", 3 * USD, "payment", rid())
@@ -138,7 +145,9 @@ async def test_c4_past_the_stop_loss_point_high_cost_capabilities_are_blocked(ap
 async def test_c4_past_the_stop_loss_point_requests_are_rate_limited(app: App) -> None:
     await fund(app, "c4-rate", 1)
     await app.credit_lines.set(_stop_loss_line("c4-rate", share=1, rate=5))
-    answers = [await app.gate.authorize("c4-rate", rid(), 1 * CENT, "") for _ in range(20)]
+    answers = [
+        await app.gate.authorize("c4-rate", rid(), 1 * CENT, "small-model") for _ in range(20)
+    ]
     codes = [a.code for a in answers]
     assert codes.count("rate_limited") >= 10  # 5 a second, in a burst of 20
     assert sum(a.allowed for a in answers) <= 10

@@ -41,9 +41,10 @@ async def test_c3_a_review_opens_when_due_and_closing_it_sets_the_limit(app: App
     closed = await app.credit_reviews.close(review.review_id, "reduce: slow payer", 1 * USD)
     assert (closed.status, closed.new_limit) == ("closed", 1 * USD)
     assert (await app.credit_lines.get("c3-due")).limit_micros == 1 * USD
-    # The new limit is the floor at once: $1 funded + $1 of credit.
-    assert (await app.gate.authorize("c3-due", rid(), 2 * USD, "")).allowed
-    assert not (await app.gate.authorize("c3-due", rid(), 1, "")).allowed
+    # The new limit is the floor at once: $1 funded + $1 of credit. (A request naming
+    # no capability would be stopped at the stop point, here the limit: C4.)
+    assert (await app.gate.authorize("c3-due", rid(), 2 * USD, "small-model")).allowed
+    assert not (await app.gate.authorize("c3-due", rid(), 1, "small-model")).allowed
 
 
 async def test_c3_consecutive_overdue_invoices_open_a_review_that_cuts_the_limit(

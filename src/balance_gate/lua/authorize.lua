@@ -45,9 +45,11 @@
     4  AMOUNT_MISMATCH       request_id already allowed for another amount; balance unchanged
     14 VOIDED                this attempt timed out and was voided before it arrived: its
                              caller was answered 'unavailable' long ago; nothing changed
-    11 CAPABILITY_BLOCKED    C4 stop-loss: the balance is at or below 'sl_at' and the
-                             capability is in 'sl_caps' ("|cap|cap|")
-    12 RATE_LIMITED          C4 stop-loss: more than 'sl_rate' requests per second
+    11 CAPABILITY_BLOCKED    C4 stop-loss: the balance after the debit would be at or
+                             below 'sl_at' and the capability is in 'sl_caps'
+                             ("|cap|cap|") or empty while 'sl_caps' is set
+    12 RATE_LIMITED          C4 stop-loss: past it (as above), more than 'sl_rate'
+                             requests per second
                              (a token bucket in 'sl_tokens' / 'sl_ms')
     13 BACKLOG_FULL          the usage stream holds ARGV[8] entries: a debit could not be
                              recorded, so nothing is debited
@@ -103,9 +105,13 @@ end
 if status ~= 'active' then
   return {2, balance + leased, 0}
 end
--- C4: past the stop-loss point, high-cost capabilities stop first, then the rate.
-if account[7] and balance + leased <= tonumber(account[7]) then
-  if ARGV[6] ~= '' and account[8] and string.find(account[8], '|' .. ARGV[6] .. '|', 1, true) then
+local amount = tonumber(ARGV[1])
+-- C4: a request that would leave the balance at or past the stop-loss point is past
+-- it: high-cost capabilities stop first, then the rate. On a line that names
+-- high-cost capabilities, a request naming none is blocked too (it could be one).
+-- The capability arrives normalized (validation.normalize_capability), as sl_caps.
+if account[7] and balance + leased - amount <= tonumber(account[7]) then
+  if account[8] and (ARGV[6] == '' or string.find(account[8], '|' .. ARGV[6] .. '|', 1, true)) then
     return {11, balance + leased, 0}
   end
   local rate = tonumber(account[9] or '0')
@@ -123,7 +129,6 @@ if account[7] and balance + leased <= tonumber(account[7]) then
   end
 end
 
-local amount = tonumber(ARGV[1])
 if balance - amount < floor and leased > 0 then
   local back = reclaim_expired(KEYS[1], KEYS[6], now_ms())
   balance, leased = balance + back, leased - back

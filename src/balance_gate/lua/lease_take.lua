@@ -13,11 +13,13 @@
   balance holds above it, so as the balance falls leases shrink, and none is granted while
   a recall is pending or the account is not active.
 
-  Returns {granted, balance + leased, the holder's lease now}
+  Returns {granted, balance + leased, the holder's lease now, sl_at, sl_caps}
     granted = -1 when the account is not in Redis (NOT_LOADED)
+    sl_at, sl_caps: the line's stop-loss point and high-cost capabilities ('' : none),
+    so that the holder leaves to authorize.lua what the stop-loss could block (C4)
 ]]
 local account = redis.call('HMGET', KEYS[1], 'status', 'balance', 'leased', 'recall', 'floor',
-  'sl_at')
+  'sl_at', 'sl_caps')
 if not account[1] then
   return {-1, 0, 0}
 end
@@ -51,4 +53,4 @@ end
 if held > 0 then
   redis.call('HSET', KEYS[2], ARGV[1], string.format('%d:%d', held, now + tonumber(ARGV[4])))
 end
-return {grant, balance + leased, held}
+return {grant, balance + leased, held, account[6] or '', account[7] or ''}
