@@ -29,6 +29,16 @@ async def _gateway_charges(app: App, account_id: str) -> int:
     return count
 
 
+async def _gateway_charged_cents(app: App, account_id: str) -> int:
+    total: int = await app.pool.fetchval(
+        """SELECT coalesce(sum(s.amount_minor), 0) FROM sandbox_charges s JOIN top_ups t
+             ON s.idempotency_key = 'balance-gate-top-up-' || t.top_up_id
+           WHERE t.account_id = $1 AND s.succeeded""",
+        account_id,
+    )
+    return total
+
+
 async def _capped_account(
     app: App, account_id: str, *, daily_cap: int, monthly_cap: int = 0
 ) -> None:
@@ -72,6 +82,34 @@ async def test_issue_13_item_6_p5_zone_moved_east_does_not_open_a_second_day(app
     assert await _gateway_charges(app, "east") == 2
 
 
+async def test_issue_13_item_6_p5_no_24_h_spanning_a_zone_change_holds_more_than_the_cap(
+    app: App,
+) -> None:
+    """Cap $20 = two $10 top-ups: one before the move east, one late on the new
+    zone's day, and the new zone's next midnight (22 h after the first) must not
+    bring a third: all three would lie within one real 24 h."""
+    await _capped_account(app, "window", daily_cap=20 * USD)
+    await _charge_then_move(app, "window", CAPPED_CHARGE, "Pacific/Kiritimati")
+    late_30th_there = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)  # 23:00 on the 30th
+    assert await _dip_and_trigger(app, "window", late_30th_there) == "succeeded"
+    first_of_december_there = dt.datetime(2026, 11, 30, 10, 0, 1, tzinfo=dt.UTC)
+    assert await _dip_and_trigger(app, "window", first_of_december_there) == "daily_cap"
+    assert await _gateway_charged_cents(app, "window") == 2000
+
+
+async def test_issue_13_item_6_p5_a_change_dated_by_a_clock_slightly_ahead_still_counts(
+    app: App,
+) -> None:
+    """Sidecars' clocks differ: the change may be dated after the next plan's 'now'."""
+    await _capped_account(app, "skew", daily_cap=10 * USD)
+    assert await _dip_and_trigger(app, "skew", CAPPED_CHARGE) == "succeeded"
+    app.topups.clock = lambda: CAPPED_CHARGE + dt.timedelta(seconds=30)
+    await app.topups.set_time_zone("skew", "Pacific/Kiritimati")
+    after = CAPPED_CHARGE + dt.timedelta(seconds=8)
+    assert await _dip_and_trigger(app, "skew", after) == "daily_cap"
+    assert await _gateway_charges(app, "skew") == 1
+
+
 async def test_issue_13_item_6_p5_zone_moved_west_does_not_reopen_yesterday(app: App) -> None:
     await _capped_account(app, "west", daily_cap=10 * USD)
     early = dt.datetime(2026, 11, 29, 1, 0, tzinfo=dt.UTC)  # the 28th in Pago Pago (UTC-11)
@@ -98,7 +136,13 @@ async def test_issue_13_item_6_o1_zone_moved_east_does_not_open_a_second_month(a
     await _charge_then_move(app, "month-east", last_day, "Pacific/Kiritimati")
     after = last_day + dt.timedelta(seconds=8)
     assert await _dip_and_trigger(app, "month-east", after) == "monthly_cap"
+    # January there, but within 31 days of the charge: the month's window still holds.
+    january_there = dt.datetime(2026, 12, 31, 10, 0, 1, tzinfo=dt.UTC)
+    assert await _dip_and_trigger(app, "month-east", january_there) == "monthly_cap"
     assert await _gateway_charges(app, "month-east") == 1
+    past_the_window = last_day + dt.timedelta(days=31, seconds=1)
+    assert await _dip_and_trigger(app, "month-east", past_the_window) == "succeeded"
+    assert await _gateway_charges(app, "month-east") == 2
 
 
 async def test_issue_13_item_6_p5_a_zone_set_before_any_charge_keeps_calendar_days(
