@@ -90,6 +90,13 @@ class Charged:
 # card is given up on (P11).
 FAILURES_PER_CARD = 3
 
+# After a time-zone change the caps also count rolling windows this long, for
+# as long: a real day, and the longest month (issue 13 item 6).
+CAP_DAY_WINDOW = dt.timedelta(hours=24)
+CAP_MONTH_WINDOW = dt.timedelta(days=31)
+# Sidecars' clocks differ a little: a change dated this far ahead of `now` counts.
+CAP_CLOCK_SKEW = dt.timedelta(minutes=1)
+
 
 @dataclass(frozen=True, slots=True)
 class MonthlyReport:
@@ -161,11 +168,17 @@ class TopUpStore:
             raise NotFound(f"account {account_id!r} not found")
         return Billing(**dict(row))
 
-    async def set_time_zone(self, account_id: str, time_zone: str) -> None:
+    async def set_time_zone(self, account_id: str, time_zone: str, now: dt.datetime) -> None:
+        """Set the zone; a different zone also dates the change (the caps' windows)."""
         done = await self._pool.execute(
-            "UPDATE accounts SET time_zone = $2, updated_at = now() WHERE account_id = $1",
+            """UPDATE accounts
+               SET time_zone_changed_at = CASE WHEN time_zone = $2 THEN time_zone_changed_at
+                                               ELSE $3 END,
+                   time_zone = $2, updated_at = now()
+               WHERE account_id = $1""",
             account_id,
             time_zone,
+            now,
         )
         if done == "UPDATE 0":
             raise NotFound(f"account {account_id!r} not found")
@@ -256,17 +269,32 @@ class TopUpStore:
         )
         return done != "UPDATE 0"
 
-    async def charged(self, conn: Connection | None, account_id: str, today: dt.date) -> Charged:
-        sql = """SELECT
-                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day = $2),
-                            0)::bigint,
-                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto' AND local_day >= $3),
-                            0)::bigint,
+    async def charged(
+        self, conn: Connection | None, account_id: str, today: dt.date, now: dt.datetime
+    ) -> Charged:
+        """Sum the day's and the month's auto top-ups (P5, O1).
+
+        Within CAP_DAY_WINDOW of a time-zone change the day also counts every
+        charge of the last CAP_DAY_WINDOW, and within CAP_MONTH_WINDOW the month
+        every charge of the last CAP_MONTH_WINDOW: a zone change cannot open a
+        new day or month beside the one whose cap was just used.
+        """
+        sql = """WITH since AS (
+                   SELECT CASE WHEN time_zone_changed_at BETWEEN $5 AND $4 THEN $5 END AS day,
+                          CASE WHEN time_zone_changed_at BETWEEN $6 AND $4 THEN $6 END AS month
+                   FROM accounts WHERE account_id = $1)
+                 SELECT
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto'
+                            AND (local_day = $2 OR planned_at > since.day)), 0)::bigint,
+                   coalesce(sum(amount_micros) FILTER (WHERE kind = 'auto'
+                            AND (local_day >= $3 OR planned_at > since.month)), 0)::bigint,
                    coalesce(sum(amount_micros) FILTER (WHERE status = 'pending'), 0)::bigint
-                 FROM top_ups
+                 FROM top_ups LEFT JOIN since ON true
                  WHERE account_id = $1 AND status <> 'failed'
-                   AND (local_day >= $3 OR status = 'pending')"""
-        args = (account_id, today, today.replace(day=1))
+                   AND (local_day >= $3 OR status = 'pending' OR planned_at > since.month)"""
+        day_since, month_since = now - CAP_DAY_WINDOW, now - CAP_MONTH_WINDOW
+        latest_change = now + CAP_CLOCK_SKEW
+        args = (account_id, today, today.replace(day=1), latest_change, day_since, month_since)
         row = await (conn.fetchrow(sql, *args) if conn else self._pool.fetchrow(sql, *args))
         assert row is not None
         return Charged(row[0], row[1], row[2])
@@ -312,7 +340,7 @@ class TopUpStore:
         if method is None:
             return "no_payment_method", None
         today = now.astimezone(ZoneInfo(row["time_zone"])).date()
-        charged = await self.charged(conn, account_id, today)
+        charged = await self.charged(conn, account_id, today, now)
         threshold, amount = row["threshold_micros"], row["amount_micros"]
         covered = balance_micros + charged.pending_micros
         if covered > threshold:
@@ -332,8 +360,9 @@ class TopUpStore:
             return ("daily_cap" if day_room <= month_room else "monthly_cap"), None
         top_up_id = await conn.fetchval(
             """INSERT INTO top_ups (account_id, kind, idempotency_key, status, amount_micros,
-                                    currency, payment_method, threshold_micros, local_day)
-               VALUES ($1, 'auto', $2, 'pending', $3, $4, $5, $6, $7) RETURNING top_up_id""",
+                                    currency, payment_method, threshold_micros, local_day,
+                                    planned_at)
+               VALUES ($1, 'auto', $2, 'pending', $3, $4, $5, $6, $7, $8) RETURNING top_up_id""",
             account_id,
             f"auto-{uuid.uuid4().hex}",
             charge,
@@ -341,6 +370,7 @@ class TopUpStore:
             method,
             threshold,
             today,
+            now,
         )
         stored = await conn.fetchrow(_TOP_UP_SELECT + " WHERE t.top_up_id = $1", top_up_id)
         assert stored is not None

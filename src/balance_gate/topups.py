@@ -82,7 +82,7 @@ class TopUps:
     async def set_time_zone(self, account_id: str, time_zone: str) -> None:
         validation.check_id("account_id", account_id)
         validation.check_time_zone(time_zone)
-        await self._store.set_time_zone(account_id, time_zone)
+        await self._store.set_time_zone(account_id, time_zone, self.clock())
 
     async def set_billing_email(self, account_id: str, email: str) -> None:
         validation.check_id("account_id", account_id)
@@ -176,9 +176,8 @@ class TopUps:
     async def charged(self, account_id: str) -> Charged:
         """Auto top-ups charged on the account's current day and month."""
         billing = await self._store.billing(account_id)
-        return await self._store.charged(
-            None, account_id, local_day(billing.time_zone, self.clock())
-        )
+        now = self.clock()
+        return await self._store.charged(None, account_id, local_day(billing.time_zone, now), now)
 
     # --- manual top-ups -----------------------------------------------------
 
