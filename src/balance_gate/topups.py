@@ -184,7 +184,7 @@ class TopUps:
 
     async def manual(self, account_id: str, amount_micros: int, idempotency_key: str) -> TopUpRow:
         validation.check_id("account_id", account_id)
-        validation.check_id("idempotency_key", idempotency_key)
+        validation.check_client_key("idempotency_key", idempotency_key)
         if not 0 < amount_micros <= MAX_CREDIT_MICROS:
             raise InvalidArgument("amount_micros", f"must be between 1 and {MAX_CREDIT_MICROS}")
         billing = await self._store.billing(account_id)
