@@ -12,6 +12,7 @@ both flows complete and the audit stays clean.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -165,7 +166,7 @@ async def test_issue13_item4_every_client_key_with_the_reserved_prefix_is_refuse
     top_up = await running.admin.TopUp(
         admin_pb2.TopUpRequest(account_id="reserved", amount_micros=USD, idempotency_key=rid())
     )
-    calls = [
+    calls: list[Awaitable[object]] = [
         running.admin.Credit(
             admin_pb2.CreditRequest(
                 account_id="reserved", amount_micros=USD, reason="x", idempotency_key=key
