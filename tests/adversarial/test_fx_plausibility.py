@@ -24,9 +24,10 @@ import grpc
 import pytest
 
 from balance_gate.app import App
+from balance_gate.settings import Settings
 from balance_gate.v1 import admin_pb2
 from tests.conftest import RunningGate
-from tests.helpers import USD, rid
+from tests.helpers import USD, rid, with_settings
 
 EUR = 1_000_000  # micro-EUR
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -197,3 +198,31 @@ async def test_issue13_item7_fx_load_applies_the_same_check(running: RunningGate
     )
     assert forced.returncode == 0, forced.stderr
     assert await rates.rate(TODAY, "EUR", "USD") == Decimal(10842)
+
+
+async def test_issue13_item7_a_charge_the_gateway_already_holds_is_still_credited(
+    settings: Settings,
+) -> None:
+    """The bound stops new charges only: a top-up whose charge reached the gateway before
+    a crash (here: made beforehand under its key) is recorded and credited, even above
+    the bound, never left charged and uncredited."""
+    bounded = with_settings(settings, top_up_max_charge_micros=USD)
+    async with App.opened(bounded, migrate=False) as app:
+        await app.accounts.create("crashed", "USD")
+        await app.topups.set_payment_methods("crashed", "pm_card_visa", "")
+        next_id = 1 + await app.pool.fetchval("SELECT coalesce(max(top_up_id), 0) FROM top_ups")
+        await app.topups.gateway.charge(
+            "pm_card_visa", 500, "USD", f"balance-gate-top-up-{next_id}"
+        )
+        recorded = await app.topups.manual("crashed", 5 * USD, rid())
+        refused = await app.topups.manual("crashed", 5 * USD, rid())
+        charges = await app.pool.fetchval("SELECT count(*) FROM sandbox_charges")
+        ledger = await app.pg.get_account("crashed")
+    assert ledger is not None
+    assert (recorded.top_up_id, recorded.status, recorded.credited_micros) == (
+        next_id,
+        "succeeded",
+        5 * USD,
+    )
+    assert (refused.status, refused.decline_reason) == ("failed", "charge_over_limit")
+    assert (charges, ledger.ledger_balance_micros) == (1, 5 * USD)
