@@ -231,7 +231,7 @@ class Accounts:
         validation.check_id("account_id", account_id)
         validation.check_credit_amount("amount_micros", amount_micros)
         validation.check_reason(reason)
-        validation.check_id("idempotency_key", idempotency_key)
+        validation.check_client_key("idempotency_key", idempotency_key)
         # Shielded: a caller that hangs up must not stop a credit between stores.
         await asyncio.shield(self._credit(account_id, amount_micros, reason, idempotency_key))
         return await self.get(account_id)

@@ -170,6 +170,7 @@ _FIELD_HELP = {
     "month": "YYYY-MM, in the account's time zone",
     "date": "YYYY-MM-DD",
     "rates": "QUOTE=RATE, e.g. USD=1.0842 (a decimal string); repeat for each quote",
+    "force_reason": "why rates far from the last ones are right (else they are refused)",
     "high_cost_capabilities": "a high-cost capability; repeat for each",
     "primary": "payment-method token, e.g. pm_card_visa",
     "backup": "payment-method token tried after the primary failed 3 times",

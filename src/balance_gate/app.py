@@ -165,7 +165,13 @@ class App:
             stats_interval_ms=settings.stats_interval_ms,
         )
         topups = TopUps(
-            TopUpStore(pool, pg), pg, hot, accounts, payment_gateway(settings, pool), FxRates(pool)
+            TopUpStore(pool, pg),
+            pg,
+            hot,
+            accounts,
+            payment_gateway(settings, pool),
+            FxRates(pool, settings.fx_rate_max_change_pct),
+            max_charge_micros=settings.top_up_max_charge_micros,
         )
         worker = TopUpWorker(
             hot,

@@ -17,7 +17,7 @@ import asyncpg
 
 from balance_gate import validation
 from balance_gate.errors import AlreadyExists, FailedPrecondition, NotFound
-from balance_gate.refunds import RefundRow, Refunds
+from balance_gate.refunds import Refunds
 from balance_gate.topups import TopUps
 
 APPEAL_WINDOW = dt.timedelta(days=7)
@@ -94,7 +94,7 @@ class Appeals:
         if confirmed:
             await self._topups.pause(appeal.account_id, "abuse_appeal")
             for top_up_id in appeal.top_up_ids:
-                refund = await self._refund(appeal_id, top_up_id)
+                refund = await self._refunds.refund_for_appeal(appeal_id, top_up_id)
                 await self._pool.execute(
                     """UPDATE abuse_appeal_top_ups SET refund_id = $3
                        WHERE appeal_id = $1 AND top_up_id = $2""",
@@ -103,15 +103,6 @@ class Appeals:
                     refund.refund_id,
                 )
         return await self.get(appeal_id)
-
-    async def _refund(self, appeal_id: int, top_up_id: int) -> RefundRow:
-        # Keyed by appeal and top-up: resolving again never refunds twice.
-        return await self._refunds.refund_top_up(
-            top_up_id,
-            0,
-            f"abuse appeal {appeal_id} confirmed (P14)",
-            f"balance-gate-appeal-{appeal_id}-top-up-{top_up_id}",
-        )
 
     async def get(self, appeal_id: int) -> Appeal:
         row = await self._pool.fetchrow(

@@ -105,18 +105,25 @@ def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:
+    """Load a CSV of rates, all or nothing, with the same plausibility check as SetFxRates."""
     from balance_gate.app import postgres_pool
+    from balance_gate.errors import GateError
     from balance_gate.fx import FxRates
 
     async def load() -> None:
         pool = await postgres_pool(settings)
         try:
-            stored = await FxRates(pool).load_csv(Path(args.file))
+            rates = FxRates(pool, settings.fx_rate_max_change_pct)
+            stored = await rates.load_csv(Path(args.file), args.force_reason)
         finally:
             await pool.close()
         print(f"stored {stored} rates from {args.file}")
 
-    _run(load())
+    try:
+        _run(load())
+    except GateError as exc:
+        print(f"error: {exc}; nothing was stored", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -187,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     fx = commands.add_parser("fx", help="FX rates (P6)").add_subparsers(dest="fx", required=True)
     load = fx.add_parser("load", help="load daily rates from a CSV: date,base,quote,rate")
     load.add_argument("file")
+    load.add_argument(
+        "--force-reason",
+        default="",
+        help="store rates more than BALANCE_GATE_FX_RATE_MAX_CHANGE_PCT away from the last"
+        " ones, for this reason (logged)",
+    )
     load.set_defaults(func=cmd_fx_load)
     report = commands.add_parser(
         "report", help="the monthly report (P15) of every account, on stdout"

@@ -6,20 +6,26 @@ design and documented in README:
   - the USD credited is rounded half-even to the micro-dollar;
   - the amount charged is rounded half-up to the card currency's minor unit.
 A missing rate is a clear failure of that top-up (fx_rate_missing), never a guess.
+A new rate more than a set percentage away from the pair's last one is refused
+unless forced with a reason (issue 13 item 7: 10842 typed for 1.0842).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 
 import asyncpg
 
-from balance_gate import currencies, money
-from balance_gate.errors import InvalidArgument
+from balance_gate import currencies, money, validation
+from balance_gate.errors import FailedPrecondition, InvalidArgument
+from balance_gate.postgres_store import Connection
+
+log = logging.getLogger(__name__)
 
 _ONE = Decimal(1)
 
@@ -75,21 +81,81 @@ def check_currency(field: str, code: str) -> None:
         raise InvalidArgument(field, f"{code!r} is not a supported ISO 4217 currency code")
 
 
-class FxRates:
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One rate to store; `field` names it in an error (with its CSV line)."""
 
-    async def set_rates(self, day: dt.date, base: str, rates: dict[str, Decimal]) -> int:
-        """Store one day's rates from `base` (replacing that day's earlier ones)."""
+    day: dt.date
+    base: str
+    quote: str
+    rate: Decimal
+    field: str
+
+
+def is_plausible(rate: Decimal, last: Decimal, max_change_pct: int) -> bool:
+    """Within a factor of (1 + pct/100) of `last`, up or down (exact, no division)."""
+    factor_hundredths = 100 + max_change_pct
+    return rate * 100 <= last * factor_hundredths and rate * factor_hundredths >= last * 100
+
+
+class FxRates:
+    def __init__(self, pool: asyncpg.Pool, max_change_pct: int) -> None:
+        self._pool = pool
+        self._max_change_pct = max_change_pct
+
+    async def set_rates(
+        self, day: dt.date, base: str, rates: dict[str, Decimal], force_reason: str = ""
+    ) -> int:
+        """Store one day's rates from `base` (replacing that day's earlier ones).
+
+        A rate too far from the last one for its pair is refused (issue 13 item 7)
+        unless `force_reason` says why it is right; nothing is stored then.
+        """
         check_currency("base", base)
         for quote in rates:
             check_currency(f"rates[{quote}]", quote)
-        await self._pool.executemany(
-            """INSERT INTO fx_rates (rate_date, base, quote, rate) VALUES ($1, $2, $3, $4)
-               ON CONFLICT (rate_date, base, quote) DO UPDATE SET rate = $4""",
-            [(day, base, quote, rate) for quote, rate in rates.items() if quote != base],
-        )
+        rows = [_Row(day, base, quote, rate, f"rates[{quote}]") for quote, rate in rates.items()]
+        await self._store(rows, force_reason)
         return len(rates)
+
+    async def _store(self, rows: list[_Row], force_reason: str) -> None:
+        if force_reason:
+            validation.check_reason(force_reason, "force_reason")
+        async with self._pool.acquire() as conn, conn.transaction():
+            for row in rows:
+                if row.quote != row.base:
+                    await self._check_plausible(conn, row, force_reason)
+                    await conn.execute(
+                        """INSERT INTO fx_rates (rate_date, base, quote, rate)
+                           VALUES ($1, $2, $3, $4)
+                           ON CONFLICT (rate_date, base, quote) DO UPDATE SET rate = $4""",
+                        row.day,
+                        row.base,
+                        row.quote,
+                        row.rate,
+                    )
+
+    async def _check_plausible(self, conn: Connection, row: _Row, force_reason: str) -> None:
+        last = await _last_rate(conn, row)
+        if last is None or is_plausible(row.rate, last[1], self._max_change_pct):
+            return
+        last_day, last_rate = last
+        if not force_reason:
+            raise FailedPrecondition(
+                f"{row.field}: {row.rate} is more than {self._max_change_pct}% away from the"
+                f" last {row.base}/{row.quote} rate, {last_rate:f} ({last_day}); if it is"
+                " right, send it again with force_reason"
+            )
+        log.warning(
+            "FX rate %s/%s on %s forced to %s (last %s on %s): %s",
+            row.base,
+            row.quote,
+            row.day,
+            row.rate,
+            last_rate,
+            last_day,
+            force_reason,
+        )
 
     async def rate(self, day: dt.date, base: str, quote: str) -> Decimal | None:
         """Units of `quote` for one `base` on `day`, or None when unknown."""
@@ -120,15 +186,42 @@ class FxRates:
         )
         return None if day is None else await self.rate(day, base, quote)
 
-    async def load_csv(self, path: Path) -> int:
-        """Load `date,base,quote,rate` rows (a header line first)."""
-        by_day: dict[tuple[dt.date, str], dict[str, Decimal]] = {}
+    async def load_csv(self, path: Path, force_reason: str = "") -> int:
+        """Load `date,base,quote,rate` rows (a header line first), all or nothing.
+
+        Rows are stored by date, so each is checked against the day before it.
+        """
+        rows = []
         with path.open(newline="", encoding="utf-8") as handle:
-            for line_number, row in enumerate(csv.DictReader(handle), start=2):
+            for line_number, line in enumerate(csv.DictReader(handle), start=2):
                 where = f"line {line_number}"
-                day = parse_date(f"{where}: date", row["date"])
-                rates = by_day.setdefault((day, row["base"].strip()), {})
-                rates[row["quote"].strip()] = parse_rate(f"{where}: rate", row["rate"].strip())
-        return sum(
-            [await self.set_rates(day, base, rates) for (day, base), rates in by_day.items()]
-        )
+                base, quote = line["base"].strip(), line["quote"].strip()
+                check_currency(f"{where}: base", base)
+                check_currency(f"{where}: rates[{quote}]", quote)
+                rows.append(
+                    _Row(
+                        parse_date(f"{where}: date", line["date"]),
+                        base,
+                        quote,
+                        parse_rate(f"{where}: rate", line["rate"].strip()),
+                        f"{where}: rates[{quote}]",
+                    )
+                )
+        await self._store(sorted(rows, key=lambda row: row.day), force_reason)
+        return len(rows)
+
+
+async def _last_rate(conn: Connection, row: _Row) -> tuple[dt.date, Decimal] | None:
+    """The pair's rate nearest `row.day` (on or before it first), as 1 base in quote."""
+    found = await conn.fetchrow(
+        """SELECT rate_date, rate, base = $2 AS direct FROM fx_rates
+           WHERE (base = $2 AND quote = $3) OR (base = $3 AND quote = $2)
+           ORDER BY rate_date > $1, abs(rate_date - $1), base = $2 DESC LIMIT 1""",
+        row.day,
+        row.base,
+        row.quote,
+    )
+    if found is None:
+        return None
+    rate: Decimal = found["rate"]
+    return found["rate_date"], rate if found["direct"] else _ONE / rate

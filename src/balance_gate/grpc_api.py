@@ -530,7 +530,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         }
         if not rates:
             raise errors.InvalidArgument("rates", "must not be empty")
-        stored = await self._topups.rates.set_rates(day, request.base, rates)
+        stored = await self._topups.rates.set_rates(day, request.base, rates, request.force_reason)
         return admin_pb2.SetFxRatesResponse(stored=stored)
 
     @rpc

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from balance_gate import validation
 from balance_gate.accounts import Accounts
 from balance_gate.constants import MAX_SAFE_MICROS, ScriptCode
 from balance_gate.keys import shard_of
@@ -150,7 +151,7 @@ class LotExpiry:
                 "expiry",
                 result.value,
                 f"credit lot {lot_id} expired",
-                f"balance-gate-{marker}",
+                validation.system_key(marker),
             )
         log.info("expired %d micros of lot %d (%s)", result.value, lot_id, account_id)
         return result.value

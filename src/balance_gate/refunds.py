@@ -83,10 +83,22 @@ class Refunds:
     async def refund_top_up(
         self, top_up_id: int, amount_micros: int, reason: str, idempotency_key: str
     ) -> RefundRow:
+        """An operator's refund, under the operator's key (never a system key)."""
+        validation.check_client_key("idempotency_key", idempotency_key)
+        return await self._refund(top_up_id, amount_micros, reason, idempotency_key)
+
+    async def refund_for_appeal(self, appeal_id: int, top_up_id: int) -> RefundRow:
+        """All that is unconsumed, keyed by appeal and top-up: resolving again never
+        refunds twice."""
+        key = validation.system_key(f"appeal-{appeal_id}-top-up-{top_up_id}")
+        return await self._refund(top_up_id, 0, f"abuse appeal {appeal_id} confirmed (P14)", key)
+
+    async def _refund(
+        self, top_up_id: int, amount_micros: int, reason: str, idempotency_key: str
+    ) -> RefundRow:
         if amount_micros < 0:
             raise InvalidArgument("amount_micros", "must not be negative (0: all unconsumed)")
         validation.check_reason(reason)
-        validation.check_id("idempotency_key", idempotency_key)
         top_up = await self._top_up(top_up_id)
         if top_up.status != "succeeded" or top_up.credit_id is None:
             raise FailedPrecondition(f"top-up {top_up_id} did not succeed: nothing to refund")
@@ -210,7 +222,7 @@ class Refunds:
             "refund",
             taken,
             f"refund of top-up {top_up.top_up_id}: {reason}",
-            f"balance-gate-refund-{refund.refund_id}",
+            validation.system_key(f"refund-{refund.refund_id}"),
         )
         await conn.execute(
             """UPDATE refunds SET status = 'pending', refunded_micros = $2, credit_id = $3
@@ -235,7 +247,7 @@ class Refunds:
                 top_up.gateway_charge_id,
                 minor,
                 currency,
-                f"balance-gate-refund-{refund.refund_id}",
+                validation.system_key(f"refund-{refund.refund_id}"),
             )
         except GatewayUnavailable as exc:
             raise Unavailable(
@@ -302,7 +314,7 @@ class Refunds:
                     account_id,
                     refund.refunded_micros,
                     f"refund {refund.refund_id} refused by the payment gateway",
-                    f"balance-gate-refund-{refund.refund_id}-reversed",
+                    validation.system_key(f"refund-{refund.refund_id}-reversed"),
                     MAX_SAFE_MICROS,
                     kind="refund",
                 )

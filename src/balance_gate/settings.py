@@ -15,7 +15,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from balance_gate.auth import parse_tokens, read_token_file
-from balance_gate.constants import MAX_REQUEST_MICROS_LIMIT, MIN_REQUEST_TTL_SECONDS
+from balance_gate.constants import (
+    MAX_CREDIT_MICROS,
+    MAX_REQUEST_MICROS_LIMIT,
+    MIN_REQUEST_TTL_SECONDS,
+)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -276,6 +280,20 @@ class Settings(BaseSettings):
     )
     top_up_concurrency: int = Field(
         default=16, ge=1, le=1_000, description="Top-up triggers handled at once per sidecar."
+    )
+    top_up_max_charge_micros: int = Field(
+        default=10_000_000_000,
+        ge=1_000_000,
+        le=MAX_CREDIT_MICROS,
+        description="Most one top-up may charge or credit, in micro-USD (the charge valued at"
+        " the day's rate); above it the top-up fails (charge_over_limit) before the gateway.",
+    )
+    fx_rate_max_change_pct: int = Field(
+        default=25,
+        ge=1,
+        le=100_000,
+        description="A new FX rate more than this % above the last one for the pair (or below it"
+        " by the same factor) is refused unless forced with a reason.",
     )
     payment_gateway: Literal["sandbox", "http"] = Field(
         default="sandbox",

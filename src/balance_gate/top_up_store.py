@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from balance_gate import emails, money
+from balance_gate import emails, money, validation
 from balance_gate.constants import MAX_SAFE_MICROS
 from balance_gate.errors import FailedPrecondition, NotFound
 from balance_gate.fx import Conversion
@@ -66,7 +66,7 @@ class TopUpRow:
     @property
     def gateway_key(self) -> str:
         """The idempotency key sent to the gateway: one per top-up, forever."""
-        return f"balance-gate-top-up-{self.top_up_id}"
+        return validation.system_key(f"top-up-{self.top_up_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +364,7 @@ class TopUpStore:
                                     planned_at)
                VALUES ($1, 'auto', $2, 'pending', $3, $4, $5, $6, $7, $8) RETURNING top_up_id""",
             account_id,
-            f"auto-{uuid.uuid4().hex}",
+            validation.system_key(f"auto-{uuid.uuid4().hex}"),
             charge,
             row["currency"],
             method,

@@ -100,7 +100,7 @@ _KNOWN_RESULTS = frozenset(
     {
         "succeeded", "network_error", "daily_cap", "monthly_cap", "paused", "disabled",
         "pending_covers", "above_threshold", "no_payment_method", "fx_rate_missing",
-        "not_loaded", "gateway_rejected",
+        "not_loaded", "gateway_rejected", "charge_over_limit",
     }
 )  # fmt: skip
 

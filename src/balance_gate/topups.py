@@ -44,6 +44,8 @@ _EMAIL = re.compile(r"[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+")
 
 # A top-up whose day has no FX rate it needs fails clearly, never guesses (P6).
 FX_RATE_MISSING = "fx_rate_missing"
+# One top-up worth more than BALANCE_GATE_TOP_UP_MAX_CHARGE_MICROS (a bad rate?).
+CHARGE_OVER_LIMIT = "charge_over_limit"
 
 
 def local_day(time_zone: str, now: dt.datetime | None = None) -> dt.date:
@@ -61,8 +63,11 @@ class TopUps:
         gateway: PaymentGateway,
         rates: FxRates,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        *,
+        max_charge_micros: int,
     ) -> None:
         self.clock = clock
+        self._max_charge_micros = max_charge_micros
         self._store = store
         self._pg = pg
         self._hot = hot
@@ -183,7 +188,7 @@ class TopUps:
 
     async def manual(self, account_id: str, amount_micros: int, idempotency_key: str) -> TopUpRow:
         validation.check_id("account_id", account_id)
-        validation.check_id("idempotency_key", idempotency_key)
+        validation.check_client_key("idempotency_key", idempotency_key)
         if not 0 < amount_micros <= MAX_CREDIT_MICROS:
             raise InvalidArgument("amount_micros", f"must be between 1 and {MAX_CREDIT_MICROS}")
         billing = await self._store.billing(account_id)
@@ -293,6 +298,9 @@ class TopUps:
         if conversion is None:
             await self._store.fail(top_up.top_up_id, FX_RATE_MISSING)
             return await self._store.get(top_up.top_up_id)
+        if await self._over_charge_limit(top_up, conversion):
+            await self._store.fail(top_up.top_up_id, CHARGE_OVER_LIMIT)
+            return await self._store.get(top_up.top_up_id)
         amount_minor = money.to_minor(top_up.amount_micros, top_up.currency)
         started = time.perf_counter()
         try:
@@ -337,6 +345,43 @@ class TopUps:
             )
             await self._accounts.apply_recorded_credit(conn, credit)
         return await self._store.get(top_up.top_up_id)
+
+    async def _over_charge_limit(self, top_up: TopUpRow, conversion: Conversion) -> bool:
+        """True when the top-up would charge or credit more than the bound (issue 13
+        item 7) and the gateway holds no charge for it yet (one made before a crash
+        is recorded, never left uncredited)."""
+        worth = max(conversion.credited_usd_micros, await self._charge_usd(top_up, conversion))
+        if worth <= self._max_charge_micros:
+            return False
+        try:
+            earlier = await self.gateway.lookup(top_up.gateway_key)
+        except GatewayUnavailable as exc:
+            raise Unavailable(
+                f"payment gateway unavailable ({exc}); the top-up stays pending"
+            ) from exc
+        if earlier is not None:
+            return False
+        log.error(
+            "top-up %d refused: worth %d micro-USD, above BALANCE_GATE_TOP_UP_MAX_CHARGE_MICROS"
+            " (%d); check the FX rates of %s",
+            top_up.top_up_id,
+            worth,
+            self._max_charge_micros,
+            top_up.local_day,
+        )
+        return True
+
+    async def _charge_usd(self, top_up: TopUpRow, conversion: Conversion) -> int:
+        """The charge in micro-USD at the day's card-currency rate (rounded up).
+
+        Without that rate it is what is credited: the same charge at the day's rates.
+        """
+        card = conversion.charge_currency
+        charge_micros = conversion.charge_amount_minor * money.micros_per_minor(card)
+        rate = await self.rates.rate(top_up.local_day, card, "USD")
+        if rate is None:
+            return conversion.credited_usd_micros
+        return int((charge_micros * rate).to_integral_value(rounding=ROUND_CEILING))
 
     async def _convert(self, top_up: TopUpRow, card_currency: str) -> Conversion | None:
         """The day's conversion of a top-up (P6), or None when a rate is missing."""

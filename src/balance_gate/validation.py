@@ -23,6 +23,11 @@ from balance_gate.errors import InvalidArgument
 # C0 and C1 control characters, and DEL.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
+# Idempotency keys the system makes itself (a top-up's credit and gateway charge, a
+# refund's, an appeal's refund, an expiry) start with this; clients may not use it
+# (issue 13 item 4), so an operator's key can never take one of them first.
+SYSTEM_KEY_PREFIX = "balance-gate-"
+
 
 def _utf8_len(value: str) -> int:
     return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
@@ -36,6 +41,20 @@ def check_id(field: str, value: str) -> None:
         raise InvalidArgument(field, f"must be at most {MAX_ID_BYTES} bytes")
     if _CONTROL.search(value):
         raise InvalidArgument(field, "must not contain control characters")
+
+
+def system_key(name: str) -> str:
+    """An idempotency key in the system's own namespace, e.g. 'balance-gate-refund-7'."""
+    return SYSTEM_KEY_PREFIX + name
+
+
+def check_client_key(field: str, value: str) -> None:
+    """A client's idempotency key: an identifier outside the system's namespace (any case)."""
+    check_id(field, value)
+    if value[: len(SYSTEM_KEY_PREFIX)].lower() == SYSTEM_KEY_PREFIX:
+        raise InvalidArgument(
+            field, f"must not start with {SYSTEM_KEY_PREFIX!r}: reserved for the system's own keys"
+        )
 
 
 def check_capability(value: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from balance_gate.fx import convert
+from balance_gate.fx import convert, is_plausible
 
 
 def test_p6_eur_top_up_on_a_usd_card_is_converted_at_the_days_rate() -> None:
@@ -33,3 +33,14 @@ def test_p6_rounding_is_half_up_for_the_charge_and_half_even_for_the_credit() ->
 def test_usd_accounts_never_touch_a_rate() -> None:
     done = convert(12_340_000, "USD", "USD", Decimal(1), Decimal(1))
     assert (done.credited_usd_micros, done.charge_amount_minor) == (12_340_000, 1_234)
+
+
+def test_issue13_item7_plausibility_is_the_same_factor_up_and_down() -> None:
+    last = Decimal("1.0842")
+    assert is_plausible(last * Decimal("1.25"), last, 25)
+    assert not is_plausible(last * Decimal("1.2501"), last, 25)
+    assert is_plausible(last / Decimal("1.25"), last, 25)
+    assert not is_plausible(last / Decimal("1.2501"), last, 25)
+    assert not is_plausible(Decimal(10842), last, 25)  # the typo
+    # The inverse pair judges alike: 1/rate against 1/last.
+    assert is_plausible(1 / (last * Decimal("1.2")), 1 / last, 25)

@@ -624,9 +624,14 @@ class SetFxRatesRequest(_message.Message):
     DATE_FIELD_NUMBER: _builtins.int
     BASE_FIELD_NUMBER: _builtins.int
     RATES_FIELD_NUMBER: _builtins.int
+    FORCE_REASON_FIELD_NUMBER: _builtins.int
     date: _builtins.str
     """YYYY-MM-DD: the day these rates apply to."""
     base: _builtins.str
+    force_reason: _builtins.str
+    """A rate more than BALANCE_GATE_FX_RATE_MAX_CHANGE_PCT away from the pair's last
+    one is refused (FAILED_PRECONDITION) unless this says why it is right; logged.
+    """
     @_builtins.property
     def rates(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Quote currency -> decimal rate as a string (never a float), e.g. {"USD": "1.0842"}."""
@@ -637,10 +642,11 @@ class SetFxRatesRequest(_message.Message):
         date: _builtins.str = ...,
         base: _builtins.str = ...,
         rates: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        force_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "date", b"date", "rates", b"rates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "date", b"date", "force_reason", b"force_reason", "rates", b"rates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
