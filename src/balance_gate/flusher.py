@@ -187,16 +187,16 @@ class UsageFlusher:
         # Called together, the acknowledgements share one pipeline (ScriptBatcher).
         await asyncio.gather(
             *(
-                self._hot.ack_usage(shard, shard_entries, recorded.duplicate_entry_ids)
+                self._hot.ack_usage(shard, shard_entries, recorded.duplicates)
                 for shard, shard_entries in by_shard.items()
             )
         )
         metrics.USAGE_FLUSHED.inc(recorded.inserted)
-        if recorded.duplicate_entry_ids:
-            metrics.USAGE_DUPLICATES_REVERTED.inc(len(recorded.duplicate_entry_ids))
+        if recorded.duplicates:
+            metrics.USAGE_DUPLICATES_REVERTED.inc(len(recorded.duplicates))
             log.warning(
                 "%d usage events repeated requests the ledger already had; reverted in Redis",
-                len(recorded.duplicate_entry_ids),
+                len(recorded.duplicates),
             )
         return len(entries)
 
