@@ -414,6 +414,36 @@ class PostgresStore:
             if recorded[(e.account_id, e.request_id, e.kind)] != e.stream_entry_id
         )
 
+    async def set_aside_usage(
+        self, conn: Connection, event: UsageEvent, sqlstate: str, reason: str
+    ) -> bool:
+        """Keep a usage event the ledger refused, with the reason (issue 13 item 3).
+
+        False when this entry was set aside already (a retry after a crash).
+        """
+        status = await conn.execute(
+            """INSERT INTO usage_dead_letters (account_id, request_id, kind, amount_micros,
+                                               capability, occurred_at, shard,
+                                               stream_entry_id, sqlstate, reason)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+            event.account_id,
+            event.request_id,
+            event.kind,
+            event.amount_micros,
+            event.capability,
+            event.occurred_at,
+            shard_of(event.account_id),
+            event.stream_entry_id,
+            sqlstate,
+            reason,
+        )
+        return bool(status == "INSERT 0 1")
+
+    async def dead_letter_count(self) -> int:
+        """Usage events set aside so far (the audit reports them)."""
+        count: int = await self._pool.fetchval("SELECT count(*) FROM usage_dead_letters")
+        return count
+
     async def lot_balance(self, account_id: str) -> int:
         """Unconsumed credit in the account's lots minus its unpaid usage.
 
