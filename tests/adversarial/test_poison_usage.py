@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
@@ -22,6 +23,7 @@ from prometheus_client import REGISTRY
 from balance_gate import metrics
 from balance_gate.app import App
 from balance_gate.flusher import UsageFlusher
+from balance_gate.postgres_store import Connection, PostgresStore, UsageEvent, UsageRecorded
 from balance_gate.settings import Settings
 from tests.conftest import RunningGate
 from tests.flusher_helpers import expire_request_record
@@ -182,3 +184,39 @@ async def test_issue13_item3_a_failing_audit_or_rebuild_is_one_error_line_and_ex
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2
     assert f"{command} failed: " in done.stderr
+
+
+class _DeadlockOnce(PostgresStore):
+    """The first batch meets a deadlock: a moment's failure, not the events' fault."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.failed = False
+
+    async def record_usage(self, conn: Connection, events: Sequence[UsageEvent]) -> UsageRecorded:
+        if not self.failed:
+            self.failed = True
+            raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+        return await super().record_usage(conn, events)
+
+
+async def test_issue13_item3_a_transient_postgres_failure_sets_nothing_aside(app: App) -> None:
+    """Only a refusal for the data (SQLSTATE 22, 23, P0) makes a poison event: a
+    deadlock leaves the batch pending, and the next flush records all of it."""
+    await fund(app, HEALTHY, USD)
+    for _ in range(3):
+        assert (await app.gate.authorize(HEALTHY, rid(), 100_000, "")).allowed
+    flusher = UsageFlusher(
+        app.hot,
+        _DeadlockOnce(app.pool),
+        batch_size=100,
+        block_ms=1,
+        claim_idle_ms=60_000,
+        stats_interval_ms=1,
+    )
+    with pytest.raises(asyncpg.exceptions.DeadlockDetectedError):
+        await flusher.flush_once(None)
+    assert await flusher.drain() == 3
+    assert flusher.set_aside_count == 0
+    assert await app.pool.fetchval("SELECT count(*) FROM usage_dead_letters") == 0
+    assert await ledger_balance(app, HEALTHY) == 700_000
