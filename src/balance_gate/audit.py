@@ -39,6 +39,8 @@ class AuditReport:
     accounts: int = 0
     not_loaded: int = 0
     pending_usage_recorded: int = 0
+    # Pending usage events the ledger refused, set aside now (usage_dead_letters).
+    usage_set_aside: int = 0
     differences: list[Difference] = field(default_factory=list)
 
 
@@ -46,6 +48,7 @@ async def audit_all(
     pg: PostgresStore, hot: RedisStore, flusher: UsageFlusher, page_size: int = 1_000
 ) -> AuditReport:
     report = AuditReport()
+    set_aside_before = flusher.set_aside_count
     async for conn, members, recorded in shards_locked(pg, flusher, page_size):
         report.pending_usage_recorded += recorded
         for account_id in members:
@@ -67,6 +70,7 @@ async def audit_all(
                         len(snapshot.unapplied_credit_ids),
                     )
                 )
+    report.usage_set_aside = flusher.set_aside_count - set_aside_before
     return report
 
 
@@ -77,6 +81,11 @@ def format_report(report: AuditReport) -> list[str]:
         + (f", {d.unapplied_credits} credits not yet applied" if d.unapplied_credits else "")
         for d in report.differences
     ]
+    if report.usage_set_aside:
+        lines.append(
+            f"{report.usage_set_aside} usage events set aside in usage_dead_letters:"
+            " the ledger refused them (docs/reliability.md)"
+        )
     lines.append(
         f"audited {report.accounts} accounts ({report.not_loaded} not in Redis):"
         f" {len(report.differences)} differ;"

@@ -22,6 +22,17 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     uvloop.run(main)
 
 
+def _run_reporting_failure(command: str, main: Coroutine[Any, Any, None]) -> int:
+    """Run an operator command; a failure is one error line and exit 2, not a traceback
+    (issue 13 item 3): the operator needs what failed, and a script needs the status."""
+    try:
+        _run(main)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, never a crash
+        print(f"{command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.workers is not None:
         settings = Settings(workers=args.workers)  # validated again: fixed ports
@@ -79,10 +90,14 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
             f"rebuilt {report.accounts} accounts: {report.corrected} corrected"
             f" (total |correction| {report.correction_micros} micros),"
             f" {report.pending_usage_recorded} unacknowledged usage events recorded"
+            + (
+                f", {report.usage_set_aside} usage events set aside in usage_dead_letters"
+                if report.usage_set_aside
+                else ""
+            )
         )
 
-    _run(rebuild())
-    return 0
+    return _run_reporting_failure("rebuild", rebuild())
 
 
 def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
@@ -100,8 +115,8 @@ def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
         print("\n".join(format_report(report)))
         differences = len(report.differences)
 
-    _run(audit())
-    return 1 if differences else 0
+    failed = _run_reporting_failure("audit", audit())
+    return failed or (1 if differences else 0)
 
 
 def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:

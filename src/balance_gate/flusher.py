@@ -6,6 +6,12 @@ amounts out of each account's `unflushed` total. A crash between commit and
 acknowledgement leaves the entries pending; whoever takes them over inserts
 nothing twice (primary key) and acknowledges them, and only the first
 acknowledgement of an entry touches `unflushed`.
+
+A batch the ledger refuses because of what one event holds (a data error:
+SQLSTATE class 22, 23 or P0) is recorded again an event at a time; an event the
+ledger still refuses alone is a poison event: it is set aside in
+usage_dead_letters with the reason, undone in Redis like a duplicate, and
+counted (issue 13 item 3). Every other event keeps flowing.
 """
 
 from __future__ import annotations
@@ -24,12 +30,28 @@ from redis.exceptions import RedisError, ResponseError
 
 from balance_gate import metrics
 from balance_gate.constants import SHARD_COUNT
-from balance_gate.postgres_store import Connection, PostgresStore
+from balance_gate.postgres_store import (
+    Connection,
+    EntryKey,
+    PostgresStore,
+    UsageRecorded,
+    entry_key,
+)
 from balance_gate.redis_store import RedisStore, StreamEntry
 
 log = logging.getLogger(__name__)
 
 _MAX_BACKOFF_S = 2.0
+# SQLSTATE classes that blame the data, not the connection or the moment: data
+# exceptions, constraint violations, PL/pgSQL RAISE (burn_down's refusal).
+_POISON_CLASSES = ("22", "23", "P0")
+
+
+def refused_for_its_data(exc: asyncpg.PostgresError) -> bool:
+    """Whether recording failed because of what the events hold (so retrying
+    the same batch can never succeed), not because Postgres was unreachable or busy."""
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    return sqlstate[:2] in _POISON_CLASSES
 
 
 def streams_lost(exc: ResponseError) -> bool:
@@ -66,6 +88,8 @@ class UsageFlusher:
         self.consumer = consumer_name()
         # After a failed flush, this consumer's read-but-unrecorded entries go first.
         self._own_pending = False
+        # Usage events this flusher set aside in usage_dead_letters (audit, rebuild).
+        self.set_aside_count = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush until `stop` is set, then drain what is left and return."""
@@ -87,9 +111,6 @@ class UsageFlusher:
                 if now >= next_claim:
                     await self.claim_stale()
                     next_claim = now + self._claim_idle_ms / 1000
-                if now >= next_stats:
-                    await self.refresh_stats()
-                    next_stats = now + self._stats_interval_s
                 backoff_s = 0.05
             except ResponseError as exc:
                 if streams_lost(exc):
@@ -111,6 +132,10 @@ class UsageFlusher:
                 # Usage must keep flowing whatever one batch met: log it and go on.
                 log.exception("usage flush failed unexpectedly")
                 backoff_s = await self._back_off(stop, backoff_s, "unexpected", exc)
+            # Even when flushes fail: the backlog and lag gauges are what alerts on it.
+            if time.monotonic() >= next_stats:
+                await self._refresh_stats_quietly()
+                next_stats = time.monotonic() + self._stats_interval_s
         try:
             await self.drain()
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -180,25 +205,84 @@ class UsageFlusher:
         return recorded
 
     async def _record(self, conn: Connection, entries: Sequence[StreamEntry]) -> int:
-        recorded = await self._pg.record_usage(conn, [entry.event for entry in entries])
+        try:
+            recorded = await self._pg.record_usage(conn, [entry.event for entry in entries])
+            set_aside: frozenset[EntryKey] = frozenset()
+        except asyncpg.PostgresError as exc:
+            if not refused_for_its_data(exc):
+                raise
+            log.warning("usage batch refused (%s); recording it an event at a time", exc)
+            recorded, set_aside = await self._record_one_by_one(conn, entries)
         by_shard: dict[int, list[StreamEntry]] = defaultdict(list)
         for entry in entries:
             by_shard[entry.shard].append(entry)
+        # Redis gives back what the ledger does not hold: duplicates and set-aside events.
+        undone = recorded.duplicates | set_aside
         # Called together, the acknowledgements share one pipeline (ScriptBatcher).
         await asyncio.gather(
             *(
-                self._hot.ack_usage(shard, shard_entries, recorded.duplicate_entry_ids)
+                self._hot.ack_usage(shard, shard_entries, undone)
                 for shard, shard_entries in by_shard.items()
             )
         )
         metrics.USAGE_FLUSHED.inc(recorded.inserted)
-        if recorded.duplicate_entry_ids:
-            metrics.USAGE_DUPLICATES_REVERTED.inc(len(recorded.duplicate_entry_ids))
+        if recorded.duplicates:
+            metrics.USAGE_DUPLICATES_REVERTED.inc(len(recorded.duplicates))
             log.warning(
                 "%d usage events repeated requests the ledger already had; reverted in Redis",
-                len(recorded.duplicate_entry_ids),
+                len(recorded.duplicates),
             )
         return len(entries)
+
+    async def _record_one_by_one(
+        self, conn: Connection, entries: Sequence[StreamEntry]
+    ) -> tuple[UsageRecorded, frozenset[EntryKey]]:
+        """Each event in its own transaction, in stream order; those the ledger
+        refuses alone are set aside. A failure of any other kind is raised: the
+        batch stays pending, and what was recorded is not recorded twice."""
+        inserted = 0
+        duplicates: set[EntryKey] = set()
+        set_aside: set[EntryKey] = set()
+        for entry in entries:
+            try:
+                one = await self._pg.record_usage(conn, [entry.event])
+            except asyncpg.PostgresError as exc:
+                if not refused_for_its_data(exc):
+                    raise
+                await self._set_aside(conn, entry, exc)
+                set_aside.add(entry_key(entry.event))
+                continue
+            inserted += one.inserted
+            duplicates |= one.duplicates
+        return UsageRecorded(inserted, frozenset(duplicates)), frozenset(set_aside)
+
+    async def _set_aside(
+        self, conn: Connection, entry: StreamEntry, exc: asyncpg.PostgresError
+    ) -> None:
+        event = entry.event
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if await self._pg.set_aside_usage(conn, event, sqlstate, str(exc)):
+            metrics.USAGE_DEAD_LETTERS.inc()
+            self.set_aside_count += 1
+        log.error(
+            "usage event set aside in usage_dead_letters and undone in Redis: account %r,"
+            " request %r, %s of %d micros (shard %d, entry %s): %s",
+            event.account_id,
+            event.request_id,
+            event.kind,
+            event.amount_micros,
+            entry.shard,
+            entry.entry_id,
+            exc,
+        )
+
+    async def _refresh_stats_quietly(self) -> None:
+        """refresh_stats, whose own failure (Redis down) only waits for the next turn."""
+        try:
+            await self.refresh_stats()
+        except (RedisError, OSError) as exc:
+            metrics.REDIS_ERRORS.labels("flusher").inc()
+            log.debug("usage stats not refreshed: %s", exc)
 
     async def refresh_stats(self) -> None:
         backlog = await self._hot.usage_backlog_by_shard()

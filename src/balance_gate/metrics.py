@@ -71,6 +71,10 @@ USAGE_DUPLICATES_REVERTED = Counter(
     "balance_gate_usage_duplicates_reverted",
     "Debits of requests the ledger already had (Redis lost its request records), given back.",
 )
+USAGE_DEAD_LETTERS = Counter(
+    "balance_gate_usage_dead_letters",
+    "Usage events the ledger refused, set aside in usage_dead_letters and undone in Redis.",
+)
 USAGE_BACKLOG = Gauge(
     "balance_gate_usage_backlog_events",
     "Usage events debited in Redis and not yet recorded in Postgres.",

@@ -19,7 +19,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from balance_gate.constants import HOT_SHARD_LOCK_CLASS
 from balance_gate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from balance_gate.keys import credit_line_fields
+from balance_gate.keys import credit_line_fields, shard_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +77,21 @@ else:
     Connection = asyncpg.Connection | PoolConnectionProxy
 
 
+# A stream entry's identity: (shard, entry id). An id alone is unique in its own
+# stream only; entries of one millisecond in two shards share it (issue 13 item 1).
+EntryKey: TypeAlias = tuple[int, str]
+
+
+def entry_key(event: UsageEvent) -> EntryKey:
+    return shard_of(event.account_id), event.stream_entry_id
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecorded:
     inserted: int
     # Stream entries that debited a request the ledger already had: Redis must
     # give those amounts back (see ack_usage.lua).
-    duplicate_entry_ids: frozenset[str]
+    duplicates: frozenset[EntryKey]
 
 
 _ACCOUNT_COLUMNS = "account_id, currency, status, credited_micros, used_micros, created_at"
@@ -380,7 +389,7 @@ class PostgresStore:
 
     async def _debited_twice(
         self, conn: Connection, events: Sequence[UsageEvent]
-    ) -> frozenset[str]:
+    ) -> frozenset[EntryKey]:
         """Entries whose request the ledger already holds from *another* stream entry.
 
         The same entry seen again is a flusher retry. Another entry for the same
@@ -400,10 +409,40 @@ class PostgresStore:
             (r["account_id"], r["request_id"], r["kind"]): r["stream_entry_id"] for r in rows
         }
         return frozenset(
-            e.stream_entry_id
+            entry_key(e)
             for e in events
             if recorded[(e.account_id, e.request_id, e.kind)] != e.stream_entry_id
         )
+
+    async def set_aside_usage(
+        self, conn: Connection, event: UsageEvent, sqlstate: str, reason: str
+    ) -> bool:
+        """Keep a usage event the ledger refused, with the reason (issue 13 item 3).
+
+        False when this entry was set aside already (a retry after a crash).
+        """
+        status = await conn.execute(
+            """INSERT INTO usage_dead_letters (account_id, request_id, kind, amount_micros,
+                                               capability, occurred_at, shard,
+                                               stream_entry_id, sqlstate, reason)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING""",
+            event.account_id,
+            event.request_id,
+            event.kind,
+            event.amount_micros,
+            event.capability,
+            event.occurred_at,
+            shard_of(event.account_id),
+            event.stream_entry_id,
+            sqlstate,
+            reason,
+        )
+        return bool(status == "INSERT 0 1")
+
+    async def dead_letter_count(self) -> int:
+        """Usage events set aside so far (the audit reports them)."""
+        count: int = await self._pool.fetchval("SELECT count(*) FROM usage_dead_letters")
+        return count
 
     async def lot_balance(self, account_id: str) -> int:
         """Unconsumed credit in the account's lots minus its unpaid usage.

@@ -30,6 +30,8 @@ class RebuildReport:
     # Sum of |correction| over all accounts, in micro-units.
     correction_micros: int = 0
     pending_usage_recorded: int = 0
+    # Pending usage events the ledger refused, set aside now (usage_dead_letters).
+    usage_set_aside: int = 0
 
 
 async def shards_locked(
@@ -53,6 +55,7 @@ async def rebuild_all(
     pg: PostgresStore, accounts: Accounts, flusher: UsageFlusher, page_size: int = 1_000
 ) -> RebuildReport:
     report = RebuildReport()
+    set_aside_before = flusher.set_aside_count
     async for conn, members, recorded in shards_locked(pg, flusher, page_size):
         report.pending_usage_recorded += recorded
         for account_id in members:
@@ -66,4 +69,5 @@ async def rebuild_all(
                 log.warning(
                     "account %r: hot balance corrected by %d micros", account_id, correction
                 )
+    report.usage_set_aside = flusher.set_aside_count - set_aside_before
     return report

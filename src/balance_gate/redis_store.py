@@ -655,15 +655,22 @@ class RedisStore:
         return self._entries([[stream.encode(), reply[1]]])
 
     async def ack_usage(
-        self, shard: int, entries: Sequence[StreamEntry], duplicates: Set[str] = frozenset()
+        self,
+        shard: int,
+        entries: Sequence[StreamEntry],
+        duplicates: Set[tuple[int, str]] = frozenset(),
     ) -> int:
-        """Acknowledge recorded entries; give back the debits of `duplicates`."""
+        """Acknowledge recorded entries; give back the debits of `duplicates`.
+
+        `duplicates` holds (shard, entry id) pairs: an id alone would also name
+        entries of other shards written in the same millisecond (issue 13 item 1).
+        """
         keys = [self.keys.usage_stream(shard)]
         args: list[str] = [USAGE_GROUP]
         for entry in entries:
             amount = entry.event.amount_micros
             keys.append(self.keys.account(entry.event.account_id))
-            refund = str(amount) if entry.entry_id in duplicates else "0"
+            refund = str(amount) if (shard, entry.entry_id) in duplicates else "0"
             args += [entry.entry_id, str(-amount), refund]
         return int(await self._ack.call(keys, args).reply)
 

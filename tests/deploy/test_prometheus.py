@@ -47,7 +47,7 @@ def _promtool(*args: str, stdin: str | None = None) -> str:
 
 
 def test_promtool_checks_the_rules_and_the_config() -> None:
-    assert "SUCCESS: 10 rules found" in _promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 11 rules found" in _promtool("check", "rules", "alerts.yml")
     assert "SUCCESS" in _promtool("check", "config", "prometheus.yml")
 
 
@@ -139,7 +139,7 @@ async def test_a_real_prometheus_scrapes_the_authorize_counter(
         values = [float(s["value"][1]) for s in _api(prometheus, "query", query=sample)["result"]]
         # Every rule of alerts.yml loaded and evaluated without error.
         groups = _api(prometheus, "rules")["groups"]
-        healthy = [rule["health"] for group in groups for rule in group["rules"]] == ["ok"] * 10
+        healthy = [rule["health"] for group in groups for rule in group["rules"]] == ["ok"] * 11
         return values == [expected] and healthy
 
     deadline = time.monotonic() + 30
