@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from balance_gate import metrics, validation
@@ -20,7 +20,7 @@ from balance_gate.constants import MAX_CREDIT_VALIDITY_DAYS, MAX_SAFE_MICROS, Sc
 from balance_gate.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from balance_gate.keys import shard_of
 from balance_gate.postgres_store import AccountRow, Connection, CreditRow, PostgresStore
-from balance_gate.redis_store import RedisStore
+from balance_gate.redis_store import FieldsWritten, RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,12 @@ class Accounts:
         not_found_max_entries: int = 100_000,
         load_slots: int = 4,
         load_wait_s: float = 1.0,
+        release_lease: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._pg = pg
         self._hot = hot
+        # This sidecar's own lease on an account it cuts goes back at once (leases.py).
+        self._release_lease = release_lease
         self._not_found = NotFoundCache(not_found_ttl_s, not_found_max_entries)
         self._loading: dict[str, asyncio.Future[bool]] = {}
         # Cold loads hold pool connections: bounded, so a flood of unknown ids always
@@ -283,7 +286,10 @@ class Accounts:
     async def _set_status(self, account_id: str, status: str) -> None:
         async with self._pg.shard_lock([shard_of(account_id)], exclusive=False) as conn:
             await self._pg.set_status(conn, account_id, status)
-            await self._hot.set_status(account_id, status)
+            written = await self._hot.set_status(account_id, status)
+        # The write recalled the leases; other holders return theirs at their next report.
+        if written == FieldsWritten.RECALLED and self._release_lease is not None:
+            await self._release_lease(account_id)
 
     async def sweep_unapplied_credits(self, older_than_s: float = 5.0, limit: int = 500) -> int:
         """Settle credits a crash left between Postgres and Redis; return how many.

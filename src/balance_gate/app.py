@@ -127,6 +127,8 @@ class App:
             low_balance_micros=settings.low_balance_warning_micros,
         )
         pg = PostgresStore(pool)
+        leases = lease_manager(settings, hot)
+        release_lease = None if leases is None else leases.release_after_cut
         accounts = Accounts(
             pg,
             hot,
@@ -134,8 +136,8 @@ class App:
             not_found_max_entries=settings.not_found_cache_entries,
             load_slots=settings.account_load_slots,
             load_wait_s=settings.account_load_wait_ms / 1000,
+            release_lease=release_lease,
         )
-        leases = lease_manager(settings, hot)
         gate = Gate(
             hot,
             accounts,
@@ -181,7 +183,7 @@ class App:
         )
         emails = EmailSender(pool, smtp_config(settings))
         refunds = Refunds(pool, pg, hot, accounts, topups.gateway)
-        lines = CreditLines(pool, pg, hot)
+        lines = CreditLines(pool, pg, hot, release_lease)
         return cls(
             settings,
             client,

@@ -11,6 +11,7 @@ profile. Capability names are kept in one spelling (validation.normalize_capabil
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import asyncpg
@@ -20,7 +21,7 @@ from balance_gate.constants import MAX_CAPABILITY_BYTES, MAX_CREDIT_MICROS
 from balance_gate.errors import InvalidArgument, NotFound
 from balance_gate.keys import credit_line_fields, shard_of
 from balance_gate.postgres_store import PostgresStore
-from balance_gate.redis_store import RedisStore
+from balance_gate.redis_store import FieldsWritten, RedisStore
 
 MAX_HIGH_COST_CAPABILITIES = 64
 
@@ -81,10 +82,18 @@ def _check(line: CreditLine) -> None:
 
 
 class CreditLines:
-    def __init__(self, pool: asyncpg.Pool, pg: PostgresStore, hot: RedisStore) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        pg: PostgresStore,
+        hot: RedisStore,
+        release_lease: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._pool = pool
         self._pg = pg
         self._hot = hot
+        # This sidecar's own lease on an account it cuts goes back at once (leases.py).
+        self._release_lease = release_lease
 
     async def set(self, line: CreditLine) -> CreditLine:
         """Create or change the account's line (C1: the operator sets the limit)."""
@@ -125,8 +134,10 @@ class CreditLines:
                 )
             except asyncpg.ForeignKeyViolationError:
                 raise NotFound(f"account {line.account_id!r} not found") from None
-            # Not loaded: the next load reads the line from credit_lines.
-            await self._hot.set_credit_line(
+            # Not loaded: the next load reads the line from credit_lines. A cut (a
+            # raised floor or stop point, changed high-cost names) recalls the leases
+            # in the same script (issue 13 item 5).
+            written = await self._hot.set_credit_line(
                 line.account_id,
                 credit_line_fields(
                     line.limit_micros,
@@ -135,6 +146,8 @@ class CreditLines:
                     line.stop_loss_rate_per_s,
                 ),
             )
+        if written == FieldsWritten.RECALLED and self._release_lease is not None:
+            await self._release_lease(line.account_id)
         return await self.get(line.account_id)
 
     async def get(self, account_id: str) -> CreditLine:

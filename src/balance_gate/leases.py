@@ -372,6 +372,15 @@ class LeaseManager:
             raise
         self._forget(lease)
 
+    async def release_after_cut(self, account_id: str) -> None:
+        """A cut (disable, lower limit) made through this sidecar recalled the account's
+        leases: give this sidecar's back now rather than at its next report. The cut
+        stands either way: if Redis fails here, the next report sees the recall."""
+        try:
+            await self.release(account_id)
+        except Exception as error:  # noqa: BLE001 - the recall stays raised in Redis
+            log.warning("lease on %r not returned after a cut: %s", account_id, error)
+
     async def close(self) -> None:
         """Shutdown: return every lease (after the listeners stopped)."""
         self._closed = True

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
+from enum import IntEnum
 from importlib import resources
 from typing import Any, Final, cast
 
@@ -58,6 +59,14 @@ class VoidResult:
     KEPT: Final = 2
     NOT_LOADED: Final = 3
     UNDONE: Final = 4
+
+
+class FieldsWritten(IntEnum):
+    """Answers of lua/set_fields.lua."""
+
+    NOT_LOADED = 0
+    SET = 1
+    RECALLED = 2  # set, and it was a cut: the account's leases are recalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,10 +495,13 @@ class RedisStore:
         )
         return ScriptResult(int(reply[0]), int(reply[1]), int(reply[2]))
 
-    async def set_credit_line(self, account_id: str, fields: dict[str, str]) -> bool:
-        """The floor and stop-loss of a credit line (credit_line_fields); False: not loaded."""
+    async def set_credit_line(self, account_id: str, fields: dict[str, str]) -> FieldsWritten:
+        """The floor and stop-loss of a credit line (credit_line_fields); a cut recalls
+        the account's leases (lua/set_fields.lua)."""
         args = [item for pair in fields.items() for item in pair]
-        return bool(await self._set_fields(keys=[self.keys.account(account_id)], args=args))
+        return FieldsWritten(
+            int(await self._set_fields(keys=[self.keys.account(account_id)], args=args))
+        )
 
     async def eviction_policy(self) -> str | None:
         """Redis's maxmemory-policy, or None where CONFIG is disabled (managed Redis)."""
@@ -500,9 +512,14 @@ class RedisStore:
         # redis-py decodes CONFIG GET replies to str.
         return reply.get("maxmemory-policy")
 
-    async def set_status(self, account_id: str, status: str) -> bool:
-        return bool(
-            await self._set_fields(keys=[self.keys.account(account_id)], args=["status", status])
+    async def set_status(self, account_id: str, status: str) -> FieldsWritten:
+        """Any status but 'active' recalls the account's leases (lua/set_fields.lua)."""
+        return FieldsWritten(
+            int(
+                await self._set_fields(
+                    keys=[self.keys.account(account_id)], args=["status", status]
+                )
+            )
         )
 
     async def set_auto_top_up(self, account_id: str, on: bool, threshold_micros: int) -> bool:

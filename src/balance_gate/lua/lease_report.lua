@@ -21,6 +21,10 @@
   Usage is paid from the holder's lease; if the lease is gone (it expired and
   was reclaimed), from the balance.
 
+  The renewal checks status and floor: on an account that is not 'active' the
+  whole lease comes back, and otherwise the part the balance lacks below the
+  floor (after a cut that raised it, even one a load wrote with no recall).
+
   When the account is not in Redis at all (Redis lost it), the entries are
   still recorded in the stream, which is what a load from the ledger expects
   of usage not yet flushed (as after any debit), and the lease is reported gone.
@@ -91,11 +95,18 @@ if used > from_lease then  -- the lease was gone: the balance pays
   redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', from_lease - used))
 end
 
+-- A renewal checks status and floor (issue 13 item 5): a disabled account gets
+-- none (the whole lease comes back), and the lease keeps only money above the
+-- floor: what the balance lacks below it comes back first (a cut raised it).
+local state = redis.call('HMGET', KEYS[1], 'status', 'balance', 'floor')
 local returned = 0
-if ARGV[3] == '1' then
+if ARGV[3] == '1' or state[1] ~= 'active' then
   returned = held
-  held = 0
+else
+  local below_floor = tonumber(state[3] or '0') - tonumber(state[2])
+  returned = math.max(0, math.min(held, below_floor))
 end
+held = held - returned
 if from_lease + returned > 0 then
   redis.call('HINCRBY', KEYS[1], 'leased', string.format('%d', -(from_lease + returned)))
 end

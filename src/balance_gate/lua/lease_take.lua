@@ -11,7 +11,9 @@
   Leases stay away from the floor (0, or minus a credit line's limit, or the
   line's stop-loss point when set): a grant is at most half of what the
   balance holds above it, so as the balance falls leases shrink, and none is granted while
-  a recall is pending or the account is not active.
+  a recall is pending or the account is not active. Only a grant renews the
+  holder's lease; a refused one on a disabled account, or one whose leases hold
+  money below the floor, raises the recall (issue 13 item 5).
 
   Returns {granted, balance + leased, the holder's lease now, sl_at, sl_caps}
     granted = -1 when the account is not in Redis (NOT_LOADED)
@@ -49,8 +51,10 @@ if grant > 0 then
   balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -grant))
   leased = redis.call('HINCRBY', KEYS[1], 'leased', string.format('%d', grant))
   held = held + grant
-end
-if held > 0 then
+  -- Only a grant renews: a refused one never extends a lease (issue 13 item 5).
   redis.call('HSET', KEYS[2], ARGV[1], string.format('%d:%d', held, now + tonumber(ARGV[4])))
+elseif leased > 0 and (account[1] ~= 'active' or balance < tonumber(account[5] or '0')) then
+  -- Disabled, or leases hold money below the floor (a cut a load wrote): ask them back.
+  redis.call('HSET', KEYS[1], 'recall', '1')
 end
 return {grant, balance + leased, held, account[6] or '', account[7] or ''}
