@@ -10,6 +10,13 @@ each account loaded in Redis:
 An account that is not in Redis has nothing to disagree with (it is loaded
 from the ledger when next used). A credit committed in Postgres but not yet
 applied to Redis shows as a difference until the credit sweeper applies it.
+
+Then the ledger on its own (issue 13 item 2: hot state and ledger can agree on
+money the ledger should never have given back), for every account, without
+a lock: used_micros must equal the sum of its usage rows, and no request's
+rows may sum below 0 (a settle gives back at most what its request was
+charged). Together: used only goes down by what it went up for the same
+request, never without a credit. Any finding makes `audit` exit 1.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from balance_gate.flusher import UsageFlusher
-from balance_gate.postgres_store import PostgresStore
+from balance_gate.postgres_store import PostgresStore, RequestBelowZero, UsedNotSummed
 from balance_gate.rebuild import shards_locked
 from balance_gate.redis_store import RedisStore
 
@@ -42,6 +49,13 @@ class AuditReport:
     # Pending usage events the ledger refused, set aside now (usage_dead_letters).
     usage_set_aside: int = 0
     differences: list[Difference] = field(default_factory=list)
+    requests_below_zero: list[RequestBelowZero] = field(default_factory=list)
+    used_not_summed: list[UsedNotSummed] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """Nothing to report: `audit` exits 0."""
+        return not (self.differences or self.requests_below_zero or self.used_not_summed)
 
 
 async def audit_all(
@@ -71,7 +85,16 @@ async def audit_all(
                     )
                 )
     report.usage_set_aside = flusher.set_aside_count - set_aside_before
+    await _check_ledger(pg, report, page_size)
     return report
+
+
+async def _check_ledger(pg: PostgresStore, report: AuditReport, page_size: int) -> None:
+    after = ""
+    while account_ids := await pg.account_ids(after, page_size):
+        after = account_ids[-1]
+        report.requests_below_zero += await pg.requests_below_zero(account_ids)
+        report.used_not_summed += await pg.used_not_summed(account_ids)
 
 
 def format_report(report: AuditReport) -> list[str]:
@@ -81,6 +104,15 @@ def format_report(report: AuditReport) -> list[str]:
         + (f", {d.unapplied_credits} credits not yet applied" if d.unapplied_credits else "")
         for d in report.differences
     ]
+    lines += [
+        f"{r.account_id}: request {r.request_id!r} costs {r.cost_micros} micros:"
+        " the ledger gave back more than it charged (used went down without a credit)"
+        for r in report.requests_below_zero
+    ]
+    lines += [
+        f"{u.account_id}: used {u.used_micros} micros but its usage rows sum to {u.rows_micros}"
+        for u in report.used_not_summed
+    ]
     if report.usage_set_aside:
         lines.append(
             f"{report.usage_set_aside} usage events set aside in usage_dead_letters:"
@@ -89,6 +121,7 @@ def format_report(report: AuditReport) -> list[str]:
     lines.append(
         f"audited {report.accounts} accounts ({report.not_loaded} not in Redis):"
         f" {len(report.differences)} differ;"
+        f" {len(report.requests_below_zero) + len(report.used_not_summed)} ledger faults;"
         f" {report.pending_usage_recorded} unacknowledged usage events recorded first"
     )
     return lines

@@ -101,22 +101,23 @@ def cmd_rebuild(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_audit(settings: Settings, _args: argparse.Namespace) -> int:
-    """Exit 1 when any hot balance differs from the ledger."""
+    """Exit 1 when any hot balance differs from the ledger, or the ledger's usage
+    does not add up (audit.py)."""
     from balance_gate.app import App
     from balance_gate.audit import audit_all, format_report
 
-    differences = 0
+    clean = True
 
     async def audit() -> None:
-        nonlocal differences
+        nonlocal clean
         async with App.opened(settings, migrate=False) as app:
             await app.hot.ensure_usage_groups()
             report = await audit_all(app.pg, app.hot, app.flusher)
         print("\n".join(format_report(report)))
-        differences = len(report.differences)
+        clean = report.clean
 
     failed = _run_reporting_failure("audit", audit())
-    return failed or (1 if differences else 0)
+    return failed or (0 if clean else 1)
 
 
 def cmd_fx_load(settings: Settings, args: argparse.Namespace) -> int:
@@ -204,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rebuild", help="reconcile every hot balance in Redis with the Postgres ledger"
     ).set_defaults(func=cmd_rebuild)
     commands.add_parser(
-        "audit", help="compare every hot balance with the Postgres ledger (exit 1 on a difference)"
+        "audit",
+        help="compare every hot balance with the Postgres ledger, and check that the"
+        " ledger's usage adds up (exit 1 on a finding)",
     ).set_defaults(func=cmd_audit)
     fx = commands.add_parser("fx", help="FX rates (P6)").add_subparsers(dest="fx", required=True)
     load = fx.add_parser("load", help="load daily rates from a CSV: date,base,quote,rate")

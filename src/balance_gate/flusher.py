@@ -62,6 +62,20 @@ def streams_lost(exc: ResponseError) -> bool:
     return "NOGROUP" in message or "UNBLOCKED" in message
 
 
+def given_back(
+    entries: Sequence[StreamEntry], recorded: UsageRecorded, set_aside: frozenset[EntryKey]
+) -> dict[EntryKey, int]:
+    """What Redis gives back to each entry's hot balance, so that it follows the
+    ledger: the whole amount of an entry the ledger does not hold (a duplicate, a
+    set-aside event), the difference of one it booked at another amount."""
+    give_back = {key: amount for key, amount in recorded.repriced.items() if amount}
+    for entry in entries:
+        key = (entry.shard, entry.entry_id)
+        if key in recorded.duplicates or key in set_aside:
+            give_back[key] = entry.event.amount_micros
+    return give_back
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
@@ -216,12 +230,11 @@ class UsageFlusher:
         by_shard: dict[int, list[StreamEntry]] = defaultdict(list)
         for entry in entries:
             by_shard[entry.shard].append(entry)
-        # Redis gives back what the ledger does not hold: duplicates and set-aside events.
-        undone = recorded.duplicates | set_aside
+        give_back = given_back(entries, recorded, set_aside)
         # Called together, the acknowledgements share one pipeline (ScriptBatcher).
         await asyncio.gather(
             *(
-                self._hot.ack_usage(shard, shard_entries, undone)
+                self._hot.ack_usage(shard, shard_entries, give_back)
                 for shard, shard_entries in by_shard.items()
             )
         )
@@ -231,6 +244,13 @@ class UsageFlusher:
             log.warning(
                 "%d usage events repeated requests the ledger already had; reverted in Redis",
                 len(recorded.duplicates),
+            )
+        if recorded.repriced:
+            metrics.USAGE_REPRICED.inc(len(recorded.repriced))
+            log.warning(
+                "%d usage events booked against the ledger's authorization of their request"
+                " (decided again by Redis); the difference corrected in Redis",
+                len(recorded.repriced),
             )
         return len(entries)
 
@@ -242,6 +262,7 @@ class UsageFlusher:
         batch stays pending, and what was recorded is not recorded twice."""
         inserted = 0
         duplicates: set[EntryKey] = set()
+        repriced: dict[EntryKey, int] = {}
         set_aside: set[EntryKey] = set()
         for entry in entries:
             try:
@@ -254,7 +275,8 @@ class UsageFlusher:
                 continue
             inserted += one.inserted
             duplicates |= one.duplicates
-        return UsageRecorded(inserted, frozenset(duplicates)), frozenset(set_aside)
+            repriced.update(one.repriced)
+        return UsageRecorded(inserted, frozenset(duplicates), repriced), frozenset(set_aside)
 
     async def _set_aside(
         self, conn: Connection, entry: StreamEntry, exc: asyncpg.PostgresError

@@ -71,6 +71,11 @@ USAGE_DUPLICATES_REVERTED = Counter(
     "balance_gate_usage_duplicates_reverted",
     "Debits of requests the ledger already had (Redis lost its request records), given back.",
 )
+USAGE_REPRICED = Counter(
+    "balance_gate_usage_repriced",
+    "Usage events booked at another amount than Redis took: a settle priced against the"
+    " ledger's authorization of its request (issue 13 item 2); corrected in Redis.",
+)
 USAGE_DEAD_LETTERS = Counter(
     "balance_gate_usage_dead_letters",
     "Usage events the ledger refused, set aside in usage_dead_letters and undone in Redis.",

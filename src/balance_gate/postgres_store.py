@@ -9,9 +9,10 @@ credit or flush has changed in one store and not yet in the other.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
@@ -67,6 +68,9 @@ class UsageEvent:
     capability: str
     occurred_at: dt.datetime
     stream_entry_id: str
+    # A settle's final cost (issue 13 item 2); None for an authorize, and for a
+    # settle written by an earlier version (amount_micros is all it carries).
+    final_micros: int | None = None
 
 
 # A connection of the pool, or one opened directly (migrations, tests).
@@ -86,12 +90,46 @@ def entry_key(event: UsageEvent) -> EntryKey:
     return shard_of(event.account_id), event.stream_entry_id
 
 
+def _repriced(
+    events: Sequence[UsageEvent], booked: Sequence[asyncpg.Record]
+) -> dict[EntryKey, int]:
+    """Entries booked at another amount than their own: entry amount - booked amount."""
+    amounts = {(r["account_id"], r["stream_entry_id"]): r["amount_micros"] for r in booked}
+    return {
+        entry_key(e): e.amount_micros - amount
+        for e in events
+        if (amount := amounts[(e.account_id, e.stream_entry_id)]) != e.amount_micros
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRecorded:
     inserted: int
     # Stream entries that debited a request the ledger already had: Redis must
     # give those amounts back (see ack_usage.lua).
     duplicates: frozenset[EntryKey]
+    # Entries the ledger booked at another amount than the entry's own (a settle
+    # priced against the ledger's authorization, issue 13 item 2): the entry's
+    # amount minus the booked one, which Redis gives back too.
+    repriced: Mapping[EntryKey, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBelowZero:
+    """A request whose usage rows sum below 0 (the audit reports it)."""
+
+    account_id: str
+    request_id: str
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsedNotSummed:
+    """An account whose used_micros differs from the sum of its usage rows."""
+
+    account_id: str
+    used_micros: int
+    rows_micros: int
 
 
 _ACCOUNT_COLUMNS = "account_id, currency, status, credited_micros, used_micros, created_at"
@@ -338,9 +376,15 @@ class PostgresStore:
     async def record_usage(self, conn: Connection, events: Sequence[UsageEvent]) -> UsageRecorded:
         """Insert usage events, skipping those already recorded (P2).
 
-        The running totals grow by exactly the inserted rows, in the same
-        transaction. Account rows are locked in a fixed order first, so two
-        flushers with overlapping batches cannot deadlock.
+        The ledger keeps the first authorize and the first settle of a request
+        id. A settle is booked against the authorization the ledger holds
+        (issue 13 item 2): its final cost minus that authorization, whichever
+        decision of Redis it settled (a request id decided again after its
+        record expired is a duplicate, and its settle follows the first
+        authorization). Authorizes go in first, so a settle finds the one of
+        its own batch. The running totals grow by exactly the inserted rows, in
+        the same transaction. Account rows are locked in a fixed order first,
+        so two flushers with overlapping batches cannot deadlock.
         """
         if not events:
             return UsageRecorded(0, frozenset())
@@ -350,54 +394,134 @@ class PostgresStore:
                 " ORDER BY account_id FOR UPDATE",
                 sorted({e.account_id for e in events}),
             )
-            burnt = await conn.fetch(
-                """WITH new AS (
-                       INSERT INTO usage_events (account_id, request_id, kind, amount_micros,
-                                                 capability, occurred_at, stream_entry_id)
-                       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[],
-                                            $5::text[], $6::timestamptz[], $7::text[])
-                       ON CONFLICT DO NOTHING
-                       RETURNING account_id, amount_micros
-                   ), totals AS (
-                       SELECT account_id, sum(amount_micros) AS used, count(*) AS n
-                       FROM new GROUP BY account_id
-                   ), updated AS (
-                       UPDATE accounts a SET used_micros = a.used_micros + t.used
-                       FROM totals t WHERE a.account_id = t.account_id
-                       RETURNING t.account_id, t.used, t.n
-                   )
-                   SELECT account_id, used, n FROM updated""",
-                [e.account_id for e in events],
-                [e.request_id for e in events],
-                [e.kind for e in events],
-                [e.amount_micros for e in events],
-                [e.capability for e in events],
-                [e.occurred_at for e in events],
-                [e.stream_entry_id for e in events],
+            booked = await self._insert_authorizes(
+                conn, [e for e in events if e.kind == "authorize"]
             )
-            # The lots pay for what was inserted (issue 5), in the same transaction.
-            await conn.execute(
-                "SELECT burn_down(a, u) FROM unnest($1::text[], $2::bigint[]) AS t(a, u)",
-                [row["account_id"] for row in burnt],
-                [row["used"] for row in burnt],
-            )
-            inserted = sum(int(row["n"]) for row in burnt)
-            if inserted == len(events):
-                return UsageRecorded(inserted, frozenset())
-            duplicates = await self._debited_twice(conn, events)
-        return UsageRecorded(inserted, duplicates)
+            booked += await self._insert_settles(conn, [e for e in events if e.kind == "settle"])
+            await self._add_to_used(conn, booked)
+            if len(booked) == len(events):
+                return UsageRecorded(len(booked), frozenset(), _repriced(events, booked))
+            duplicates, repriced = await self._as_recorded(conn, events)
+        return UsageRecorded(len(booked), duplicates, repriced)
 
-    async def _debited_twice(
-        self, conn: Connection, events: Sequence[UsageEvent]
-    ) -> frozenset[EntryKey]:
-        """Entries whose request the ledger already holds from *another* stream entry.
+    @staticmethod
+    async def _insert_authorizes(
+        conn: Connection, events: Sequence[UsageEvent]
+    ) -> list[asyncpg.Record]:
+        """The inserted rows: (account_id, stream_entry_id, amount_micros).
 
-        The same entry seen again is a flusher retry. Another entry for the same
-        (account, request, kind) means Redis decided the request twice: it lost
-        the request record (restart, flush) and a retry came in.
+        An authorize whose request a settle already priced (recorded first: another
+        flusher took the authorize over later) is booked at 0: the settle's
+        amount is the request's whole final cost.
+        """
+        if not events:
+            return []
+        return await conn.fetch(
+            """INSERT INTO usage_events (account_id, request_id, kind, amount_micros,
+                                         capability, occurred_at, stream_entry_id)
+               SELECT e.account_id, e.request_id, 'authorize',
+                      CASE WHEN EXISTS (SELECT 1 FROM usage_events s
+                                        WHERE s.account_id = e.account_id
+                                          AND s.request_id = e.request_id
+                                          AND s.kind = 'settle'
+                                          AND s.final_micros IS NOT NULL)
+                           THEN 0 ELSE e.amount_micros END,
+                      e.capability, e.occurred_at, e.stream_entry_id
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[],
+                           $5::timestamptz[], $6::text[])
+                    AS e(account_id, request_id, amount_micros, capability, occurred_at,
+                         stream_entry_id)
+               ON CONFLICT DO NOTHING
+               RETURNING account_id, stream_entry_id, amount_micros""",
+            [e.account_id for e in events],
+            [e.request_id for e in events],
+            [e.amount_micros for e in events],
+            [e.capability for e in events],
+            [e.occurred_at for e in events],
+            [e.stream_entry_id for e in events],
+        )
+
+    @staticmethod
+    async def _insert_settles(
+        conn: Connection, events: Sequence[UsageEvent]
+    ) -> list[asyncpg.Record]:
+        """The inserted rows: (account_id, stream_entry_id, amount_micros).
+
+        Priced against the ledger's authorize row: final - authorized. Without
+        one yet, the final cost itself (the authorize is booked at 0 when it
+        comes). A settle of an earlier version (no final cost) keeps Redis's
+        difference, but never takes its request below 0.
+        """
+        if not events:
+            return []
+        return await conn.fetch(
+            """INSERT INTO usage_events (account_id, request_id, kind, amount_micros,
+                                         capability, occurred_at, stream_entry_id,
+                                         final_micros)
+               SELECT e.account_id, e.request_id, 'settle',
+                      CASE WHEN e.final_micros IS NOT NULL
+                               THEN e.final_micros - coalesce(e.authorized, 0)
+                           WHEN e.authorized IS NULL THEN e.delta
+                           ELSE greatest(e.delta, -e.authorized) END,
+                      e.capability, e.occurred_at, e.stream_entry_id, e.final_micros
+               FROM (SELECT e.*,
+                            (SELECT a.amount_micros FROM usage_events a
+                             WHERE a.account_id = e.account_id
+                               AND a.request_id = e.request_id
+                               AND a.kind = 'authorize') AS authorized
+                     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[],
+                                 $5::text[], $6::timestamptz[], $7::text[])
+                          AS e(account_id, request_id, delta, final_micros, capability,
+                               occurred_at, stream_entry_id)) e
+               ON CONFLICT DO NOTHING
+               RETURNING account_id, stream_entry_id, amount_micros""",
+            [e.account_id for e in events],
+            [e.request_id for e in events],
+            [e.amount_micros for e in events],
+            [e.final_micros for e in events],
+            [e.capability for e in events],
+            [e.occurred_at for e in events],
+            [e.stream_entry_id for e in events],
+        )
+
+    @staticmethod
+    async def _add_to_used(conn: Connection, booked: Sequence[asyncpg.Record]) -> None:
+        """Add the booked rows to the running totals; the lots pay for them (issue 5)."""
+        used: dict[str, int] = defaultdict(int)
+        for row in booked:
+            used[row["account_id"]] += row["amount_micros"]
+        if not used:
+            return
+        accounts = sorted(used)
+        amounts = [used[account_id] for account_id in accounts]
+        await conn.execute(
+            """UPDATE accounts a SET used_micros = a.used_micros + t.used
+               FROM unnest($1::text[], $2::bigint[]) AS t(account_id, used)
+               WHERE a.account_id = t.account_id""",
+            accounts,
+            amounts,
+        )
+        await conn.execute(
+            "SELECT burn_down(a, u) FROM unnest($1::text[], $2::bigint[]) AS t(a, u)",
+            accounts,
+            amounts,
+        )
+
+    @staticmethod
+    async def _as_recorded(
+        conn: Connection, events: Sequence[UsageEvent]
+    ) -> tuple[frozenset[EntryKey], dict[EntryKey, int]]:
+        """(duplicates, repriced) of a batch, from the rows the ledger holds for it.
+
+        A duplicate: the ledger holds its (account, request, kind) from *another*
+        stream entry, so Redis decided the request twice (it lost the request
+        record: restart, flush, expiry) and this entry counts for nothing. The
+        same entry seen again is a flusher retry: what it was booked at stands,
+        and its difference to the entry is given back again (once: ack_usage
+        touches the hot balance only for an entry still pending).
         """
         rows = await conn.fetch(
-            """SELECT u.account_id, u.request_id, u.kind, u.stream_entry_id
+            """SELECT u.account_id, u.request_id, u.kind, u.stream_entry_id, u.amount_micros
                FROM usage_events u
                JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(account_id, request_id, kind)
                  USING (account_id, request_id, kind)""",
@@ -406,13 +530,21 @@ class PostgresStore:
             [e.kind for e in events],
         )
         recorded = {
-            (r["account_id"], r["request_id"], r["kind"]): r["stream_entry_id"] for r in rows
+            (r["account_id"], r["request_id"], r["kind"]): (
+                r["stream_entry_id"],
+                r["amount_micros"],
+            )
+            for r in rows
         }
-        return frozenset(
-            entry_key(e)
-            for e in events
-            if recorded[(e.account_id, e.request_id, e.kind)] != e.stream_entry_id
-        )
+        duplicates: set[EntryKey] = set()
+        repriced: dict[EntryKey, int] = {}
+        for e in events:
+            entry_id, booked = recorded[(e.account_id, e.request_id, e.kind)]
+            if entry_id != e.stream_entry_id:
+                duplicates.add(entry_key(e))
+            elif booked != e.amount_micros:
+                repriced[entry_key(e)] = e.amount_micros - booked
+        return frozenset(duplicates), repriced
 
     async def set_aside_usage(
         self, conn: Connection, event: UsageEvent, sqlstate: str, reason: str
@@ -443,6 +575,41 @@ class PostgresStore:
         """Usage events set aside so far (the audit reports them)."""
         count: int = await self._pool.fetchval("SELECT count(*) FROM usage_dead_letters")
         return count
+
+    async def requests_below_zero(self, account_ids: Sequence[str]) -> list[RequestBelowZero]:
+        """Requests whose usage rows sum below 0: the ledger gave back more than
+        it charged, so used went down without a credit (issue 13 item 2).
+
+        Only a negative settle can do that, so only those are looked at, with
+        their request's authorize. One statement: a consistent snapshot, no lock.
+        """
+        rows = await self._pool.fetch(
+            """SELECT s.account_id, s.request_id,
+                      s.amount_micros + coalesce(a.amount_micros, 0) AS cost
+               FROM usage_events s
+               LEFT JOIN usage_events a ON a.account_id = s.account_id
+                                       AND a.request_id = s.request_id
+                                       AND a.kind = 'authorize'
+               WHERE s.account_id = ANY($1::text[]) AND s.kind = 'settle'
+                 AND s.amount_micros + coalesce(a.amount_micros, 0) < 0
+               ORDER BY s.account_id, s.request_id""",
+            list(account_ids),
+        )
+        return [RequestBelowZero(r["account_id"], r["request_id"], r["cost"]) for r in rows]
+
+    async def used_not_summed(self, account_ids: Sequence[str]) -> list[UsedNotSummed]:
+        """Accounts whose running total used_micros is not the sum of their usage
+        rows (both change in one transaction, so one statement sees them agree)."""
+        rows = await self._pool.fetch(
+            """SELECT account_id, used_micros, rows_micros FROM (
+                   SELECT a.account_id, a.used_micros,
+                          (SELECT coalesce(sum(u.amount_micros), 0)::bigint FROM usage_events u
+                           WHERE u.account_id = a.account_id) AS rows_micros
+                   FROM accounts a WHERE a.account_id = ANY($1::text[])) t
+               WHERE used_micros <> rows_micros ORDER BY account_id""",
+            list(account_ids),
+        )
+        return [UsedNotSummed(r["account_id"], r["used_micros"], r["rows_micros"]) for r in rows]
 
     async def lot_balance(self, account_id: str) -> int:
         """Unconsumed credit in the account's lots minus its unpaid usage.

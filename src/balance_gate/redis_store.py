@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import itertools
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -675,20 +675,22 @@ class RedisStore:
         self,
         shard: int,
         entries: Sequence[StreamEntry],
-        duplicates: Set[tuple[int, str]] = frozenset(),
+        give_back: Mapping[tuple[int, str], int] | None = None,
     ) -> int:
-        """Acknowledge recorded entries; give back the debits of `duplicates`.
+        """Acknowledge recorded entries; give `give_back[(shard, entry id)]` micros back
+        to the entry's hot balance: the debit of a duplicate or a set-aside event, the
+        difference of a settle the ledger booked at another amount (issue 13 item 2).
 
-        `duplicates` holds (shard, entry id) pairs: an id alone would also name
-        entries of other shards written in the same millisecond (issue 13 item 1).
+        Keys are (shard, entry id) pairs: an id alone would also name entries of
+        other shards written in the same millisecond (issue 13 item 1).
         """
+        give_back = give_back or {}
         keys = [self.keys.usage_stream(shard)]
         args: list[str] = [USAGE_GROUP]
         for entry in entries:
-            amount = entry.event.amount_micros
             keys.append(self.keys.account(entry.event.account_id))
-            refund = str(amount) if (shard, entry.entry_id) in duplicates else "0"
-            args += [entry.entry_id, str(-amount), refund]
+            refund = give_back.get((shard, entry.entry_id), 0)
+            args += [entry.entry_id, str(-entry.event.amount_micros), str(refund)]
         return int(await self._ack.call(keys, args).reply)
 
     async def usage_backlog(self) -> tuple[int, int | None]:
@@ -737,4 +739,5 @@ def _usage_event(entry_id: bytes, fields: dict[bytes, bytes]) -> UsageEvent:
         capability=fields[b"c"].decode(),
         occurred_at=occurred_at + dt.timedelta(milliseconds=millis % 1000),
         stream_entry_id=entry_id.decode(),
+        final_micros=int(final) if (final := fields.get(b"f")) is not None else None,
     )

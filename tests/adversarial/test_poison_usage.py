@@ -1,10 +1,14 @@
 """Issue 13 item 3: one usage event the ledger refuses must not stop the ledger.
 
-The poison event of the issue: authorize r1 at $0.10, its record expires,
-r1 is authorized again at $5 (a duplicate the flusher reverts), then
-`Settle r1 0` books -$5 that no lot consumed, and `burn_down` raises. The event
-is set aside in usage_dead_letters with the reason, counted, and undone in
-Redis; every other event reaches Postgres; the gauges keep refreshing;
+The poison event of the issue was `Settle r1 0` after r1 ($0.10, flushed) was
+decided again at $5 once its record expired: -$5 that no lot consumed, so
+`burn_down` raised. Since item 2 that settle is priced against the ledger's
+$0.10 and is no poison (tests/adversarial/test_late_settle_of_duplicate.py).
+The same refusal still meets a settle written by an earlier version (a
+difference, no final cost) for a request the ledger does not hold: it is
+written here by hand, with the effect settle.lua had on the hot balance. The
+event is set aside in usage_dead_letters with the reason, counted, and undone
+in Redis; every other event reaches Postgres; the gauges keep refreshing;
 `audit` and `rebuild` report instead of crashing.
 """
 
@@ -26,7 +30,6 @@ from balance_gate.flusher import UsageFlusher
 from balance_gate.postgres_store import Connection, PostgresStore, UsageEvent, UsageRecorded
 from balance_gate.settings import Settings
 from tests.conftest import RunningGate
-from tests.flusher_helpers import expire_request_record
 from tests.helpers import USD, fund, ledger_balance, rid, sidecar_env, wait_until_flushed
 
 POISON = "i13-poison"
@@ -37,16 +40,25 @@ def _dead_letters_counted() -> float:
     return REGISTRY.get_sample_value("balance_gate_usage_dead_letters_total") or 0.0
 
 
+# A settle as versions before issue 13 item 2 wrote it: the difference only, no 'f'.
+_EARLIER_VERSIONS_SETTLE = """
+redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', -tonumber(ARGV[3])))
+redis.call('HINCRBY', KEYS[1], 'unflushed', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'k', 's', 'a', ARGV[1], 'r', ARGV[2], 'm', ARGV[3], 'c', '')
+"""
+
+
 async def _write_poison_and_healthy_usage(app: App, redis_client: aioredis.Redis) -> None:
-    """The issue's sequence on POISON (its first $0.10 flushed), 5 x $0.10 on HEALTHY."""
+    """On POISON: r1 at $0.10 (flushed), then a settle of -$5 for r2, which the ledger
+    never authorized, written as earlier versions did. 5 x $0.10 on HEALTHY."""
     await fund(app, POISON, 10 * USD)
     await fund(app, HEALTHY, 10 * USD)
     assert (await app.gate.authorize(POISON, "r1", 100_000, "")).allowed
     await app.flusher.drain()
-    await expire_request_record(app, redis_client, POISON, "r1")
-    again = await app.gate.authorize(POISON, "r1", 5 * USD, "")
-    assert (again.allowed, again.replayed) == (True, False)
-    await app.gate.settle(POISON, "r1", 0)
+    hot = app.hot.keys.hot(POISON)
+    await redis_client.eval(
+        _EARLIER_VERSIONS_SETTLE, 2, hot.account, hot.usage_stream, POISON, "r2", str(-5 * USD)
+    )
     for _ in range(5):
         assert (await app.gate.authorize(HEALTHY, rid(), 100_000, "")).allowed
 
@@ -55,8 +67,8 @@ async def _assert_ledger_flowed_and_poison_set_aside(app: App) -> None:
     waiting, _ = await app.hot.usage_backlog()
     assert waiting == 0
     assert await ledger_balance(app, HEALTHY) == 9_500_000
-    # The ledger holds the first authorize only; the settle is set aside and undone
-    # in Redis, so the hot balance follows the ledger.
+    # The ledger holds r1's authorize only; the settle is set aside and undone in
+    # Redis, so the hot balance follows the ledger.
     assert await ledger_balance(app, POISON) == 9_900_000
     hot = await app.hot.read_account(POISON)
     assert hot is not None
@@ -66,7 +78,7 @@ async def _assert_ledger_flowed_and_poison_set_aside(app: App) -> None:
         " FROM usage_dead_letters"
     )
     assert [(r["account_id"], r["request_id"], r["kind"], r["amount_micros"]) for r in rows] == [
-        (POISON, "r1", "settle", -5 * USD)
+        (POISON, "r2", "settle", -5 * USD)
     ]
     assert rows[0]["sqlstate"] == "P0001"
     assert "no lot consumed" in rows[0]["reason"]
@@ -145,7 +157,7 @@ async def test_issue13_item3_audit_sets_a_pending_poison_event_aside_instead_of_
 ) -> None:
     await _write_poison_and_healthy_usage(app, redis_client)
     # A flusher read them and died: they are pending, which the audit records first.
-    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 7
+    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 6
 
     done = await _run_command(settings, "audit")
 
@@ -159,7 +171,7 @@ async def test_issue13_item3_rebuild_sets_a_pending_poison_event_aside_instead_o
     settings: Settings, app: App, redis_client: aioredis.Redis
 ) -> None:
     await _write_poison_and_healthy_usage(app, redis_client)
-    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 7
+    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 6
 
     done = await _run_command(settings, "rebuild")
 
@@ -176,7 +188,7 @@ async def test_issue13_item3_a_failing_audit_or_rebuild_is_one_error_line_and_ex
     """Whatever stops them (here: the dead-letter table is missing), the operator
     gets what failed and a non-zero status, not a traceback."""
     await _write_poison_and_healthy_usage(app, redis_client)
-    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 7
+    assert len(await app.hot.read_usage("crashed-consumer", 100, None)) == 6
     await app.pool.execute("ALTER TABLE usage_dead_letters RENAME TO moved_away")
 
     done = await _run_command(settings, command)

@@ -5,14 +5,17 @@
 
   An entry whose request the ledger already had from another entry (Redis lost
   its request record and decided a retry again) is also given back to the
-  balance, so the hot balance keeps matching the ledger (P2).
+  balance, and so is the difference of an entry the ledger booked at another
+  amount (a settle priced against the ledger's authorization: issue 13 item 2),
+  so the hot balance keeps matching the ledger (P2).
 
   KEYS[1]    usage stream of one shard
   KEYS[2..n] account hash of entry i-1
 
   ARGV[1]  consumer group
   then per entry i = 1..n-1, three values starting at ARGV[3i-1]:
-    entry id, its amount negated, the amount to give back ("0" when none)
+    entry id, its amount negated, the amount to give back to the balance ("0" when
+    none; negative when the ledger booked more than the entry took)
     (decimal strings; never "-0")
 
   Returns the number of entries acknowledged now.

@@ -64,6 +64,8 @@ if auto[1] == '1' and balance < tonumber(auto[2]) then
     redis.call('XADD', KEYS[5], '*', 'a', ARGV[2])
   end
 end
+-- 'f': the final cost, which the ledger settles against the authorization it holds
+-- (issue 13 item 2: Redis's may be a duplicate the ledger reverted); 'm' is Redis's own.
 redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[2], 'r', ledger_request_id(ARGV[3], decided.gen),
-  'm', string.format('%d', delta), 'c', '')
+  'm', string.format('%d', delta), 'c', '', 'f', ARGV[1])
 return {0, balance, delta, 0}

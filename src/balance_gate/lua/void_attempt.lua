@@ -15,7 +15,7 @@
   (another attempt) is decided afresh. A voided record: add the attempt to it.
   A live record: the attempt is marked voided ('+' becomes '-'); if it was the
   last attempt answered from the record, no allowed answer relies on the debit:
-  it is given back (a settle event of -authorized for the record's generation)
+  it is given back (a settle event of -authorized, final cost 0, for the record's generation)
   and the record becomes voided, one generation on. A pinned record (no '+') is
   left alone: a settled request, a lease or outage debit, an old record.
 
@@ -63,7 +63,7 @@ if amount ~= 0 then
   redis.call('HINCRBY', KEYS[1], 'unflushed', string.format('%d', -amount))
 end
 redis.call('XADD', KEYS[3], '*', 'k', 's', 'a', ARGV[3], 'r',
-  ledger_request_id(ARGV[4], record.gen), 'm', string.format('%d', -amount), 'c', '')
+  ledger_request_id(ARGV[4], record.gen), 'm', string.format('%d', -amount), 'c', '', 'f', '0')
 redis.call('SET', KEYS[2], format_record({voided = true, gen = record.gen + 1, answered = {},
   voided_attempts = record.voided_attempts}), 'KEEPTTL')
 return {4}
