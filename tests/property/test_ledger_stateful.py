@@ -80,6 +80,7 @@ class Account:
     account_id: str
     credited: int = START
     requests: dict[str, Request] = field(default_factory=dict)
+    top_ups: list[int] = field(default_factory=list)  # ids of succeeded top-ups
 
     @property
     def balance(self) -> int:
@@ -118,6 +119,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for account in self.accounts:
             self.run(self.app.accounts.create(account.account_id, "USD"))
             self.run(self.app.accounts.credit(account.account_id, START, "start", rid()))
+            self.run(self.app.topups.set_payment_methods(account.account_id, "pm_card_visa", ""))
         self.align_streams()
         for n, amount in enumerate(first):
             self.authorize(n % ACCOUNTS, amount)
@@ -192,6 +194,32 @@ class LedgerMachine(RuleBasedStateMachine):
         account = self.accounts[index]
         self.run(self.app.accounts.credit(account.account_id, amount, "adjust", rid()))
         account.credited += amount
+
+    @rule(index=account_index, amount=st.integers(1, 5).map(lambda n: n * USD))
+    def top_up(self, index: int, amount: int) -> None:
+        """A manual top-up charged to the sandbox card: a credit with a lot of its own."""
+        account = self.accounts[index]
+        row = self.run(self.app.topups.manual(account.account_id, amount, rid()))
+        assert row.status == "succeeded"
+        account.credited += amount
+        account.top_ups.append(row.top_up_id)
+
+    @rule(index=account_index, which=pick, amount=st.integers(0, 3 * USD))
+    def refund(self, index: int, which: int, amount: int) -> None:
+        """P13: a refund of a top-up's unconsumed part (0: all of it). What traffic
+        consumed is not refundable, so the model takes what the refund reports, and the
+        invariant checks that hot balance and ledger moved by exactly that."""
+        account = self.accounts[index]
+        if not account.top_ups:
+            return
+        top_up_id = account.top_ups[which % len(account.top_ups)]
+        try:
+            row = self.run(self.app.refunds.refund_top_up(top_up_id, amount, "refund", rid()))
+        except FailedPrecondition:  # nothing unconsumed is left
+            return
+        assert row.status == "succeeded", row
+        assert row.refunded_micros <= (amount or row.refunded_micros)
+        account.credited -= row.refunded_micros
 
     @rule(index=account_index)
     def reload_from_postgres(self, index: int) -> None:
