@@ -104,24 +104,38 @@ async def test_the_http_endpoint_answers_only_the_proxy_holding_the_secret(
         assert await _balance(gate, "acme") == 0
 
 
+def _pki(directory: Path) -> dict[str, str]:
+    """The server's TLS settings from a new CA, and a client certificate 'proxy-a' in
+    `directory` (proxy.pem, proxy.key)."""
+    ca = CertificateAuthority("http endpoint CA")
+    files = tls_files(directory, ca)
+    key, cert = ca.issue("proxy-a")
+    (directory / "proxy.key").write_bytes(key)
+    (directory / "proxy.pem").write_bytes(cert)
+    return files
+
+
+def _client_tls(files: dict[str, str], certificate_in: Path | None = None) -> ssl.SSLContext:
+    """A client trusting the server's CA; with `certificate_in`, presenting 'proxy-a'."""
+    context = ssl.create_default_context(cafile=files["tls_client_ca_file"])
+    context.check_hostname = False
+    if certificate_in is not None:
+        context.load_cert_chain(
+            str(certificate_in / "proxy.pem"), str(certificate_in / "proxy.key")
+        )
+    return context
+
+
 async def test_the_http_endpoint_with_mutual_tls_refuses_a_caller_without_a_certificate(
     settings: Settings, tmp_path: Path
 ) -> None:
-    ca = CertificateAuthority("http endpoint CA")
-    files = tls_files(tmp_path, ca)
-    key, cert = ca.issue("proxy-a")
-    (tmp_path / "proxy.key").write_bytes(key)
-    (tmp_path / "proxy.pem").write_bytes(cert)
+    files = _pki(tmp_path)
     secured = with_settings(settings, http_authz_listen="127.0.0.1:0", **files)
     async with serving(secured) as (_, listening):
         url = f"https://127.0.0.1:{listening.http_authz_port}/authorize"
-        anonymous = ssl.create_default_context(cafile=files["tls_client_ca_file"])
-        anonymous.check_hostname = False
         with pytest.raises(aiohttp.ClientError):
-            await _get(url, {}, ssl=anonymous)
-        proxy = ssl.create_default_context(cafile=files["tls_client_ca_file"])
-        proxy.check_hostname = False
-        proxy.load_cert_chain(str(tmp_path / "proxy.pem"), str(tmp_path / "proxy.key"))
+            await _get(url, {}, ssl=_client_tls(files))
+        proxy = _client_tls(files, tmp_path)
         status, answer = await _get(url, {"x-request-id": rid()}, ssl=proxy)
         # Reached the gate: a request naming no account is refused by it, not by TLS.
         assert (status, answer["x-balance-gate-code"]) == (403, "invalid_request")
@@ -131,11 +145,7 @@ async def test_proxy_identities_limit_what_a_certificate_may_debit_over_http(
     settings: Settings, tmp_path: Path
 ) -> None:
     """The same rule as on the gate port: a listed proxy debits only its account prefixes."""
-    ca = CertificateAuthority("http identities CA")
-    files = tls_files(tmp_path, ca)
-    key, cert = ca.issue("proxy-a")
-    (tmp_path / "proxy.key").write_bytes(key)
-    (tmp_path / "proxy.pem").write_bytes(cert)
+    files = _pki(tmp_path)
     secured = with_settings(
         settings,
         http_authz_listen="127.0.0.1:0",
@@ -146,9 +156,7 @@ async def test_proxy_identities_limit_what_a_certificate_may_debit_over_http(
         await fund(sidecar.app, "acme-1", CENT)
         await fund(sidecar.app, "victim", CENT)
         url = f"https://127.0.0.1:{listening.http_authz_port}/authorize"
-        proxy = ssl.create_default_context(cafile=files["tls_client_ca_file"])
-        proxy.check_hostname = False
-        proxy.load_cert_chain(str(tmp_path / "proxy.pem"), str(tmp_path / "proxy.key"))
+        proxy = _client_tls(files, tmp_path)
         for account_id, expected in (("victim", (403, "permission_denied")), ("acme-1", None)):
             headers = {
                 "x-balance-account": account_id,
