@@ -123,7 +123,11 @@ async def test_fail_open_allows_up_to_the_budget_and_debits_once_redis_is_back(
 async def test_a_slow_redis_within_the_timeout_changes_nothing(
     gate_through_proxy: GateThroughProxy,
 ) -> None:
-    async with gate_through_proxy(redis_fail_mode="fail_closed", **FAST) as (running, proxy):
+    # The proxy holds each chunk 20 ms, one after another: a pipeline of ~100 calls
+    # crosses it in several chunks each way (a CI run saw 15 of 100 calls pass 150 ms).
+    # 400 ms is still under half the proxies' 1 s deadline, and 20x the delay.
+    within = {**FAST, "redis_call_timeout_ms": 400}
+    async with gate_through_proxy(redis_fail_mode="fail_closed", **within) as (running, proxy):
         await fund_over_grpc(running.admin, "acme", 10 * USD)
         proxy.set("pass", delay_s=0.02)
         answers, latencies = await _authorize_many(running, "acme", 100, 1_000)
