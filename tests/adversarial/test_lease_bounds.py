@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import cast
 
 import pytest
@@ -37,35 +37,16 @@ from tests.helpers import (
     wait_until_flushed,
     with_settings,
 )
+from tests.integration.test_leases import leases_of, sidecar
 
 CENT = 10_000
 
 
-@asynccontextmanager
-async def leasing_sidecar(settings: Settings) -> AsyncIterator[App]:
+def leasing_sidecar(settings: Settings) -> AbstractAsyncContextManager[App]:
     """An App that leases every account, with its lease reporter and flusher running."""
-    app = await App.open(
-        with_settings(settings, lease_accounts="*", lease_min_rate=1, lease_report_interval_ms=5),
-        migrate=False,
+    return sidecar(
+        with_settings(settings, lease_accounts="*", lease_min_rate=1, lease_report_interval_ms=5)
     )
-    await app.hot.ensure_usage_groups()
-    assert app.leases is not None
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(app.flusher.run(stop)),
-        asyncio.create_task(app.leases.run(stop)),
-    ]
-    try:
-        yield app
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
-        await app.close()
-
-
-def _leases(app: App) -> LeaseManager:
-    assert app.leases is not None
-    return app.leases
 
 
 async def test_issue_12_item_7_a_leased_replay_of_a_redis_decision_with_another_amount(
@@ -79,13 +60,13 @@ async def test_issue_12_item_7_a_leased_replay_of_a_redis_decision_with_another_
         first = await app.gate.authorize("acct", "r1", CENT, "")
         assert first.allowed
         assert not first.replayed
-        assert await _leases(app).acquire("acct", 20 * CENT) == 20 * CENT
+        assert await leases_of(app).acquire("acct", 20 * CENT) == 20 * CENT
         with pytest.raises(FailedPrecondition):
             await app.gate.authorize("acct", "r1", 5 * CENT, "")
         same = await app.gate.authorize("acct", "r1", CENT, "")
         assert same.allowed
         assert same.replayed
-        await _leases(app).close()
+        await leases_of(app).close()
         await wait_until_flushed(app)
         assert await ledger_balance(app, "acct") == USD - CENT
 
@@ -97,7 +78,7 @@ async def test_issue_12_item_7_a_leased_replay_after_the_lease_was_returned(
     then replayed on a new lease with another amount: allowed and never charged."""
     async with leasing_sidecar(settings) as app:
         await fund(app, "acct", USD)
-        leases = _leases(app)
+        leases = leases_of(app)
         assert await leases.acquire("acct", 20 * CENT) == 20 * CENT
         first = await app.gate.authorize("acct", "r1", CENT, "")
         assert first.allowed
